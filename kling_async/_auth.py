@@ -1,0 +1,90 @@
+"""Credentials: a gateway's bearer key, or the official access key + secret key as a JWT.
+
+The secret values live only here, in slotted objects whose repr shows no secret; the
+`Authorization` header is built on demand and handed only to the API's origin.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Final, Protocol
+
+import jwt
+
+#: Lifetime of a signed token (API.md: exp = now + 1800).
+TOKEN_LIFETIME: Final = 1800
+#: Re-sign this long before a token expires, so a token never dies in flight.
+RESIGN_MARGIN: Final = 300
+#: nbf is backdated by this much to absorb clock skew (API.md: nbf = now - 5).
+NOT_BEFORE_SKEW: Final = 5
+
+
+class Auth(Protocol):
+    """Something that produces the Authorization header value."""
+
+    kind: str
+
+    def header(self) -> str:
+        """The value of the Authorization header."""
+
+    def invalidate(self) -> bool:
+        """Forget any cached token; True if a fresh one will differ (worth retrying)."""
+
+
+class BearerAuth:
+    """A gateway's API key, sent as ``Bearer <key>``."""
+
+    __slots__ = ("_header",)
+    kind = "api_key"
+
+    def __init__(self, api_key: str) -> None:
+        self._header = f"Bearer {api_key}"
+
+    def header(self) -> str:
+        return self._header
+
+    def invalidate(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "BearerAuth(api_key=***)"
+
+
+class JWTAuth:
+    """The official access key + secret key: an HS256 JWT, cached and re-signed early."""
+
+    __slots__ = ("_access_key", "_clock", "_expires", "_header", "_secret_key")
+    kind = "access_key"
+
+    def __init__(self, access_key: str, secret_key: str) -> None:
+        self._access_key = access_key
+        self._secret_key = secret_key
+        self._header = ""
+        self._expires = 0.0
+
+    def header(self) -> str:
+        now = time.time()
+        if not self._header or now >= self._expires - RESIGN_MARGIN:
+            self._header = f"Bearer {self._sign(now)}"
+            self._expires = now + TOKEN_LIFETIME
+        return self._header
+
+    def _sign(self, now: float) -> str:
+        claims = {
+            "iss": self._access_key,
+            "exp": int(now) + TOKEN_LIFETIME,
+            "nbf": int(now) - NOT_BEFORE_SKEW,
+        }
+        with warnings.catch_warnings():
+            # Kling issues secret keys shorter than the 32 bytes PyJWT recommends for
+            # HS256; the key is theirs, not ours to lengthen, so the warning is noise.
+            warnings.simplefilter("ignore", jwt.InsecureKeyLengthWarning)
+            return jwt.encode(claims, self._secret_key, algorithm="HS256", headers={"typ": "JWT"})
+
+    def invalidate(self) -> bool:
+        self._header = ""
+        return True
+
+    def __repr__(self) -> str:
+        return "JWTAuth(access_key=***, secret_key=***)"

@@ -1,0 +1,249 @@
+"""The one cattrs converter: the service's JSON shapes to and from our models.
+
+The wire shape of a task (``task_status``, ``task_info.parent_video``, millisecond
+timestamps, durations as strings) is described by private attrs classes that cattrs
+structures with full field paths in its errors; `Task` is built from that, and
+unstructures back to the same wire shape, so a task read from a journal or printed by
+the CLI looks exactly like what the service sends.
+
+The converter is strict where cattrs is lenient by default: a string is never read as
+a bool or a number (``"false"`` does not become True), and a bool is never a number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+import cattrs.gen
+from cattrs.preconf.orjson import make_converter
+
+from kling_async._models import ExtendRequest, Task, TaskStatus, Video
+from kling_async.errors import ResponseFormatError
+
+T = TypeVar("T")
+
+converter = make_converter()
+
+
+def _strict(kind: type[T], accepts: tuple[type, ...], what: str) -> Callable[[Any, Any], T]:
+    def structure(value: Any, _: Any) -> T:
+        if isinstance(value, bool) and kind is not bool:
+            raise TypeError(f"expected {what}, got bool")
+        if not isinstance(value, accepts):
+            raise TypeError(f"expected {what}, got {type(value).__name__}")
+        return value  # type: ignore[return-value]
+
+    return structure
+
+
+def _structure_seconds(value: Any, _: Any) -> float:
+    # Durations come as strings of seconds ("9.9"); accept plain numbers too.
+    if isinstance(value, bool):
+        raise TypeError("expected seconds, got bool")
+    if isinstance(value, str):
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise ValueError(f"expected seconds, got {value!r}") from None
+    elif isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        raise TypeError(f"expected seconds, got {type(value).__name__}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"expected a non-negative duration, got {value!r}")
+    return seconds
+
+
+converter.register_structure_hook(str, _strict(str, (str,), "a string"))
+converter.register_structure_hook(int, _strict(int, (int,), "an integer"))
+converter.register_structure_hook(bool, _strict(bool, (bool,), "true or false"))
+converter.register_structure_hook(float, _structure_seconds)
+
+
+@attrs.define
+class _WireVideo:
+    id: str
+    url: str = ""
+    duration: float = 0.0
+
+
+@attrs.define
+class _WireTaskInfo:
+    parent_video: _WireVideo | None = None
+    external_task_id: str | None = None
+
+
+@attrs.define
+class _WireTaskResult:
+    videos: list[_WireVideo] | None = None
+
+
+@attrs.define
+class _WireTask:
+    task_id: str
+    task_status: str
+    task_status_msg: str | None = None
+    task_info: _WireTaskInfo | None = None
+    task_result: _WireTaskResult | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    # Not part of the service's task: the request id of the answer that carried it.
+    request_id: str | None = None
+
+
+def _objects_only(cls: type[T]) -> Callable[[Any, Any], T]:
+    # cattrs reads fields with `"name" in value`, which a list or a string also answers:
+    # insist on a JSON object so `"task_info": []` is an error, not an empty object.
+    generated = cattrs.gen.make_dict_structure_fn(cls, converter)
+
+    def structure(value: Any, kind: Any) -> T:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected an object, got {type(value).__name__}")
+        return generated(value, kind)
+
+    return structure
+
+
+def _structure_millis(value: Any, _: Any) -> datetime:
+    # Timestamps are Unix milliseconds; they become UTC-aware datetimes.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected Unix milliseconds, got {type(value).__name__}")
+    try:
+        return datetime.fromtimestamp(value / 1000, tz=timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        raise ValueError(f"timestamp out of range: {value}") from None
+
+
+converter.register_structure_hook(datetime, _structure_millis)
+
+
+def _to_millis(value: datetime | None) -> int | None:
+    return None if value is None else round(value.timestamp() * 1000)
+
+
+for _wire_class in (_WireVideo, _WireTaskInfo, _WireTaskResult, _WireTask):
+    converter.register_structure_hook(_wire_class, _objects_only(_wire_class))
+
+
+def _video(wire: _WireVideo) -> Video:
+    return Video(id=wire.id, url=wire.url, duration=wire.duration)
+
+
+def _structure_task(value: Any, _: Any) -> Task:
+    wire = converter.structure(value, _WireTask)
+    info = wire.task_info or _WireTaskInfo()
+    videos = (wire.task_result.videos if wire.task_result else None) or []
+    return Task(
+        task_id=wire.task_id,
+        status=TaskStatus.parse(wire.task_status),
+        status_message=wire.task_status_msg or "",
+        created_at=wire.created_at,
+        updated_at=wire.updated_at,
+        external_task_id=info.external_task_id,
+        parent_video=_video(info.parent_video) if info.parent_video else None,
+        videos=tuple(_video(v) for v in videos),
+        raw_status=wire.task_status,
+        request_id=wire.request_id,
+    )
+
+
+def _unstructure_video(video: Video) -> dict[str, Any]:
+    return {"id": video.id, "url": video.url, "duration": str(video.duration)}
+
+
+def _unstructure_task(task: Task) -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    if task.parent_video is not None:
+        info["parent_video"] = _unstructure_video(task.parent_video)
+    if task.external_task_id is not None:
+        info["external_task_id"] = task.external_task_id
+    document: dict[str, Any] = {
+        "task_id": task.task_id,
+        "task_status": task.raw_status or task.status.value,
+        "task_status_msg": task.status_message,
+        "task_info": info,
+        "task_result": {"videos": [_unstructure_video(v) for v in task.videos]},
+        "created_at": _to_millis(task.created_at),
+        "updated_at": _to_millis(task.updated_at),
+    }
+    if task.request_id is not None:
+        document["request_id"] = task.request_id
+    return {key: value for key, value in document.items() if value is not None}
+
+
+def _structure_request(value: Any, _: Any) -> ExtendRequest:
+    if not isinstance(value, dict):
+        raise TypeError(f"expected an object, got {type(value).__name__}")
+    fields = {a.name for a in attrs.fields(ExtendRequest)}
+    return ExtendRequest(**{k: v for k, v in value.items() if k in fields})
+
+
+converter.register_structure_hook(Task, _structure_task)
+converter.register_unstructure_hook(Task, _unstructure_task)
+converter.register_structure_hook(ExtendRequest, _structure_request)
+converter.register_unstructure_hook(
+    ExtendRequest,
+    lambda request: {
+        a.name: getattr(request, a.name)
+        for a in attrs.fields(ExtendRequest)
+        if getattr(request, a.name) is not None
+    },
+)
+
+
+def _error_path(error: Exception, root: str) -> str:
+    messages = cattrs.transform_error(error, path=root)
+    for message in messages:
+        if " @ " in message:
+            return message.rsplit(" @ ", 1)[1]
+    return root
+
+
+def _error_reason(error: Exception, root: str) -> str:
+    leaf: BaseException = error
+    while isinstance(leaf, cattrs.BaseValidationError) and leaf.exceptions:
+        leaf = leaf.exceptions[0]
+    if isinstance(leaf, (TypeError, ValueError)) and str(leaf):
+        return str(leaf)
+    messages = cattrs.transform_error(error, path=root)
+    return messages[0].rsplit(" @ ", 1)[0] if messages else type(leaf).__name__
+
+
+def structure_as(value: Any, kind: type[T], *, root: str = "data") -> T:
+    """Structure a decoded ``data`` value; a bad shape raises `ResponseFormatError`.
+
+    The error names the path of the first bad field, like ``data[1].task_status``.
+    """
+    try:
+        return converter.structure(value, kind)
+    except (cattrs.BaseValidationError, TypeError, ValueError, AttributeError) as error:
+        raise ResponseFormatError(
+            f"unexpected answer ({_error_reason(error, root)})", path=_error_path(error, root)
+        ) from None
+
+
+def parse_task(data: Any, *, request_id: str | None = None, root: str = "data") -> Task:
+    """A `Task` from an answer's ``data``; `request_id` is the envelope's."""
+    if not isinstance(data, dict):
+        raise ResponseFormatError(
+            f"unexpected answer (expected a task object, got {type(data).__name__})", path=root
+        )
+    task = structure_as(data, Task, root=root)
+    return task if request_id is None else attrs.evolve(task, request_id=request_id)
+
+
+def parse_task_list(data: Any, *, request_id: str | None = None) -> list[Task]:
+    """The tasks of one page of the list call."""
+    if not isinstance(data, list):
+        raise ResponseFormatError(
+            f"unexpected answer (expected a list of tasks, got {type(data).__name__})",
+            path="data",
+        )
+    return [
+        parse_task(item, request_id=request_id, root=f"data[{i}]") for i, item in enumerate(data)
+    ]

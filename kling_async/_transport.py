@@ -1,0 +1,277 @@
+"""The one place that does HTTP: the session, the in-flight limit, timeouts, auth, retries.
+
+Each attempt takes a slot of the `max_in_flight` semaphore only while its request is
+open; backoff's sleeps between attempts hold no slot. Every response is read and
+released inside ``async with``, on every path. aiohttp's own exceptions never escape:
+their reprs can carry request headers, so they become our errors, built from the
+method, the path and the exception's class only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Generator, Mapping
+from typing import Any, Final, TypeVar, cast
+
+import aiohttp
+import backoff
+import orjson
+
+from kling_async import _protocol
+from kling_async._auth import Auth
+from kling_async._protocol import Envelope
+from kling_async.errors import (
+    APIConnectionError,
+    APITimeoutError,
+    AuthenticationError,
+    KlingError,
+)
+
+T = TypeVar("T")
+
+logger = logging.getLogger("kling_async")
+
+#: First retry waits up to this long (full jitter), doubling per attempt ...
+RETRY_BASE: Final = 0.5
+#: ... up to this.
+RETRY_CAP: Final = 8.0
+
+
+class ExactWait(float):
+    """A wait the service asked for (``Retry-After``): used as given, never jittered."""
+
+
+def retry_waits(
+    base: float = RETRY_BASE, cap: float = RETRY_CAP
+) -> Generator[float | None, BaseException | None, None]:
+    """backoff wait generator: exponential, but a `Retry-After` on the error wins."""
+    error = yield None  # backoff primes the generator with send(None)
+    n = 0
+    while True:
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None:
+            error = yield ExactWait(retry_after)
+        else:
+            error = yield min(cap, base * 2**n)
+            n += 1
+
+
+def jitter(value: float) -> float:
+    """Full jitter for our own backoff; a server-given wait is kept exactly."""
+    return value if isinstance(value, ExactWait) else backoff.full_jitter(value)
+
+
+def _log_backoff(details: Any) -> None:
+    error = details.get("exception")
+    logger.info(
+        "retrying %s in %.3f s after attempt %d: %s",
+        details.get("name", "request"),
+        details["wait"],
+        details["tries"],
+        type(error).__name__ if error is not None else "?",
+        extra={"kling_wait": details["wait"], "kling_attempt": details["tries"]},
+    )
+
+
+class Transport:
+    """Sends requests to the API's origin with auth, limits, timeouts and retries."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        auth: Auth,
+        max_in_flight: int,
+        max_retries: int,
+        timeout: float,
+        session: aiohttp.ClientSession | None,
+    ) -> None:
+        self.base_url = base_url
+        self.max_retries = max_retries
+        self.max_in_flight = max_in_flight
+        self._auth = auth
+        self._semaphore = asyncio.Semaphore(max_in_flight)
+        self._session = session
+        self._owns_session = session is None
+        self._closed = False
+        self.timeout = aiohttp.ClientTimeout(
+            total=timeout, connect=min(timeout, 30.0), sock_read=timeout
+        )
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def session(self) -> aiohttp.ClientSession:
+        """The session, created on first use inside the running event loop."""
+        if self._closed:
+            raise RuntimeError("this KlingClient is closed; create a new one")
+        if self._session is None:
+            asyncio.get_running_loop()  # a session must be born inside a running loop
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.max_in_flight),
+                timeout=self.timeout,
+            )
+        return self._session
+
+    def slot(self) -> asyncio.Semaphore:
+        """The in-flight limit; hold it only while a request is open."""
+        return self._semaphore
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+        self._session = None
+
+    # -- one attempt -------------------------------------------------------------------
+
+    async def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, str] | None = None,
+        body: Any = None,
+    ) -> Envelope:
+        """One request (re-signing once on an expired token), no retries."""
+        try:
+            return await self._send_once(method, path, query, body)
+        except AuthenticationError as error:
+            if error.code != _protocol.TOKEN_EXPIRED_CODE or not self._auth.invalidate():
+                raise
+            logger.info("token expired (code 1004); re-signing and sending again")
+            return await self._send_once(method, path, query, body)
+
+    async def _send_once(
+        self, method: str, path: str, query: Mapping[str, str] | None, body: Any
+    ) -> Envelope:
+        session = self.session()
+        headers = {"Authorization": self._auth.header(), "Accept": "application/json"}
+        data: bytes | None = None
+        if body is not None:
+            data = orjson.dumps(body)
+            headers["Content-Type"] = "application/json"
+        started = time.perf_counter()
+        async with self._semaphore:
+            try:
+                async with session.request(
+                    method,
+                    self.base_url + path,
+                    params=query,
+                    data=data,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=self.timeout,
+                ) as response:
+                    payload = await response.read()
+                    status = response.status
+                    response_headers = response.headers
+            except aiohttp.ConnectionTimeoutError:
+                raise APITimeoutError(
+                    "connect timed out", method=method, path=path, sent=False
+                ) from None
+            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+                raise APITimeoutError("timed out", method=method, path=path) from None
+            except aiohttp.ClientConnectorError as error:
+                raise APIConnectionError(
+                    f"could not connect ({type(error).__name__})",
+                    method=method,
+                    path=path,
+                    sent=False,
+                ) from None
+            except aiohttp.ClientError as error:
+                raise APIConnectionError(
+                    f"connection failed ({type(error).__name__})", method=method, path=path
+                ) from None
+        try:
+            envelope = _protocol.decode_envelope(status, response_headers, payload)
+        except KlingError as error:
+            if logger.isEnabledFor(logging.DEBUG):
+                self._log(
+                    method,
+                    path,
+                    status,
+                    getattr(error, "code", None),
+                    getattr(error, "request_id", None),
+                    started,
+                )
+            raise
+        if logger.isEnabledFor(logging.DEBUG):
+            self._log(method, path, status, 0, envelope.request_id, started)
+        return envelope
+
+    @staticmethod
+    def _log(
+        method: str,
+        path: str,
+        status: int,
+        code: int | None,
+        request_id: str | None,
+        started: float,
+    ) -> None:
+        elapsed = time.perf_counter() - started
+        logger.debug(
+            "%s %s -> %d code=%s request_id=%s in %.3f s",
+            method,
+            path,
+            status,
+            code,
+            request_id,
+            elapsed,
+            extra={
+                "kling_method": method,
+                "kling_path": path,
+                "kling_status": status,
+                "kling_code": code,
+                "kling_request_id": request_id,
+                "kling_elapsed": elapsed,
+            },
+        )
+
+    # -- retries -----------------------------------------------------------------------
+
+    async def retrying(
+        self,
+        attempt: Callable[[], Awaitable[T]],
+        *,
+        name: str,
+        retry_if: Callable[[BaseException], bool] = _protocol.is_retryable,
+    ) -> T:
+        """Run `attempt` until it succeeds, a non-retryable error, or `max_retries` retries."""
+
+        async def on_backoff(details: Any) -> None:
+            _log_backoff({**details, "name": name})
+
+        @backoff.on_exception(
+            cast("Callable[..., Generator[float, None, None]]", retry_waits),
+            KlingError,
+            max_tries=self.max_retries + 1,
+            jitter=jitter,
+            giveup=lambda error: not retry_if(error),
+            on_backoff=on_backoff,
+            logger=None,
+        )
+        async def run() -> T:
+            return await attempt()
+
+        return await run()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, str] | None = None,
+        body: Any = None,
+    ) -> Envelope:
+        """One call with retries, for requests that are safe to repeat."""
+        return await self.retrying(
+            lambda: self.send(method, path, query=query, body=body), name=f"{method} {path}"
+        )

@@ -1,0 +1,94 @@
+"""Development sessions: tests, lint, typecheck, docs (the defaults) and bench.
+
+Every session installs what it needs into its own virtualenv under ``.nox/``, made with
+the Python that runs nox (stdlib ``venv``: no uv or virtualenv needed), so a machine
+with only Python and PyPI access can run::
+
+    python3 -m pip install nox && python3 -m nox -s tests
+
+Arguments after ``--`` go to the session's tool, e.g. ``nox -s tests -- -k batch -x``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2025.2.9"
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
+# Reuse session virtualenvs locally (installs still run, and are quick when nothing
+# changed); CI starts from a fresh clone, so it always builds them anew.
+nox.options.reuse_venv = "yes"
+# A tool missing from the session's venv is a bug in this file, not a reason to fall
+# back to whatever is on PATH.
+nox.options.error_on_external_run = True
+
+# The client reads these when no argument is given; tests must never see a developer's
+# real credentials (or talk to a real endpoint because of them).
+_NO_CREDENTIALS: dict[str, str | None] = dict.fromkeys(
+    (
+        "KLING_API_KEY",
+        "KLING_ACCESS_KEY",
+        "KLING_SECRET_KEY",
+        "KLING_BASE_URL",
+        "KLING_WEBHOOK_SECRET",
+    )
+)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite with branch coverage (subprocesses included); fail under 90 %."""
+    # Editable, so the tests, the subprocesses they start and coverage all see the
+    # same files: ./kling_async.
+    session.install("-e", ".[test]")
+    session.run(
+        "pytest",
+        "--cov=kling_async",
+        "--cov-report=term-missing",
+        "--cov-fail-under=90",
+        *session.posargs,
+        env=_NO_CREDENTIALS,
+    )
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Check style and formatting with ruff (``nox -s lint -- --fix`` fixes what it can)."""
+    session.install("ruff>=0.8")
+    session.run("ruff", "check", ".", *session.posargs)
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """Run mypy (strict) on the package and tests/typing, as set in pyproject.toml."""
+    session.install("-e", ".[typecheck]")
+    session.run("mypy", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation with warnings as errors into .nox/docs/tmp/site."""
+    session.install("-e", ".[docs]")
+    site_dir = Path(session.create_tmp()) / "site"
+    session.run(
+        "mkdocs",
+        "build",
+        "--strict",
+        "--site-dir",
+        str(site_dir),
+        *session.posargs,
+        # Silence Material's end-of-life banner; it is not about this project.
+        env={"NO_MKDOCS_2_WARNING": "1"},
+    )
+    session.log(f"Documentation built in {site_dir}")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run the benchmarks against the in-process simulator (not part of the defaults)."""
+    session.install("-e", ".[test]")
+    session.run("python", "bench/run.py", *session.posargs, env=_NO_CREDENTIALS)
