@@ -1,0 +1,48 @@
+"""Shared fixtures: a simulator on 127.0.0.1 and a client pointed at it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+
+from kling_async import KlingClient, PollPolicy
+from kling_async.testing import Simulator
+
+pytest_plugins = ["kling_async.testing.pytest_plugin"]
+
+#: Polls fast enough that tests spend their time on behaviour, not on waiting.
+FAST_POLL = PollPolicy(initial=0.02, factor=1.5, max_interval=0.1)
+
+
+@pytest.fixture(autouse=True)
+def _no_real_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "KLING_API_KEY",
+        "KLING_ACCESS_KEY",
+        "KLING_SECRET_KEY",
+        "KLING_BASE_URL",
+        "KLING_WEBHOOK_SECRET",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator(submit_time=0.02, processing_time=0.05, seed=7) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+async def client(sim: Simulator) -> AsyncIterator[KlingClient]:
+    async with KlingClient(
+        api_key=sim.api_key, base_url=sim.base_url, poll=FAST_POLL, timeout=5.0
+    ) as kling:
+        yield kling
+
+
+@pytest.fixture
+def debug_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.DEBUG, logger="kling_async")
+    return caplog
