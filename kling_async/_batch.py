@@ -78,6 +78,7 @@ class _Gate:
         self.limit = float(maximum)
         self.held = 0
         self.finished = 0  # tasks of this batch that finished: room may have opened
+        self._waiting = 0  # acquirers and room-waiters blocked on the condition
         self._changed = asyncio.Condition()
 
     @property
@@ -85,16 +86,24 @@ class _Gate:
         return max(1, int(self.limit))
 
     async def acquire(self) -> None:
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.held < self.current)
-            self.held += 1
+        if self.held < self.current and not self._waiting:
+            self.held += 1  # the common case: no lock, no wait (one event loop, no preemption)
+            return
+        self._waiting += 1
+        try:
+            async with self._changed:
+                await self._changed.wait_for(lambda: self.held < self.current)
+                self.held += 1
+        finally:
+            self._waiting -= 1
 
     async def release(self, *, task_finished: bool = False) -> None:
-        async with self._changed:
-            self.held -= 1
-            if task_finished:
-                self.finished += 1
-            self._changed.notify_all()
+        self.held -= 1
+        if task_finished:
+            self.finished += 1
+        if self._waiting:
+            async with self._changed:
+                self._changed.notify_all()
 
     def accepted(self) -> None:
         self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
@@ -106,14 +115,17 @@ class _Gate:
 
     async def wait_for_room(self, timeout: float) -> None:
         """Wait until one of the batch's tasks finishes, or `timeout` seconds."""
-        async with self._changed:
-            seen = self.finished
-            try:
+        seen = self.finished
+        self._waiting += 1
+        try:
+            async with self._changed:
                 await asyncio.wait_for(
                     self._changed.wait_for(lambda: self.finished != seen), timeout
                 )
-            except asyncio.TimeoutError:
-                pass
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._waiting -= 1
 
 
 class _Slot:
@@ -392,7 +404,7 @@ class Batch:
             return task
 
     async def _wait_for_room(self, error: RateLimitError, refusals: int) -> None:
-        backoff = random.uniform(0, min(ROOM_WAIT_CAP, 0.5 * 2 ** min(refusals, 10)))  # noqa: S311
+        backoff = random.uniform(0, min(ROOM_WAIT_CAP, 0.5 * 2 ** min(refusals, 10)))
         if error.retry_after is not None:
             await asyncio.sleep(error.retry_after)
         if self._wait and self.running:

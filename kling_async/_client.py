@@ -256,19 +256,18 @@ class KlingClient:
         """
         if not isinstance(request, ExtendRequest):
             raise ValidationError("request", "must be an ExtendRequest", request)
-        if request.external_task_id is None:
-            request = attrs.evolve(request, external_task_id=uuid.uuid4().hex)
-        external_id = request.external_task_id
-        assert external_id is not None
         body = request.to_body()
+        # Our own id for the task, so that after an ambiguous failure we can ask whether
+        # it exists instead of creating (and paying for) a second one.
+        external_id: str = request.external_task_id or uuid.uuid4().hex
+        body["external_task_id"] = external_id
         transport = self._transport
         maybe_created = look_up_first
 
         def finish(envelope: Envelope) -> Task:
-            task = parse_task(envelope.data, request_id=envelope.request_id)
-            if task.external_task_id is None:
-                task = attrs.evolve(task, external_task_id=external_id)
-            return task
+            return parse_task(
+                envelope.data, request_id=envelope.request_id, external_task_id=external_id
+            )
 
         async def attempt() -> Task:
             nonlocal maybe_created
@@ -363,7 +362,7 @@ class KlingClient:
         )
         next(growth)  # backoff's generators are primed before use
         for interval in growth:
-            yield interval * random.uniform(1 - policy.jitter, 1 + policy.jitter)  # noqa: S311
+            yield interval * random.uniform(1 - policy.jitter, 1 + policy.jitter)
 
     async def wait_for_task(
         self,

@@ -135,7 +135,13 @@ def _video(wire: _WireVideo) -> Video:
 
 
 def _structure_task(value: Any, _: Any) -> Task:
-    wire = converter.structure(value, _WireTask)
+    return task_from_wire(converter.structure(value, _WireTask))
+
+
+def task_from_wire(
+    wire: _WireTask, *, request_id: str | None = None, external_task_id: str | None = None
+) -> Task:
+    """The public `Task` of a structured wire task (defaults fill what the wire lacks)."""
     info = wire.task_info or _WireTaskInfo()
     videos = (wire.task_result.videos if wire.task_result else None) or []
     return Task(
@@ -144,11 +150,11 @@ def _structure_task(value: Any, _: Any) -> Task:
         status_message=wire.task_status_msg or "",
         created_at=wire.created_at,
         updated_at=wire.updated_at,
-        external_task_id=info.external_task_id,
+        external_task_id=info.external_task_id or external_task_id,
         parent_video=_video(info.parent_video) if info.parent_video else None,
         videos=tuple(_video(v) for v in videos),
         raw_status=wire.task_status,
-        request_id=wire.request_id,
+        request_id=request_id if request_id is not None else wire.request_id,
     )
 
 
@@ -227,14 +233,23 @@ def structure_as(value: Any, kind: type[T], *, root: str = "data") -> T:
         ) from None
 
 
-def parse_task(data: Any, *, request_id: str | None = None, root: str = "data") -> Task:
-    """A `Task` from an answer's ``data``; `request_id` is the envelope's."""
+def parse_task(
+    data: Any,
+    *,
+    request_id: str | None = None,
+    root: str = "data",
+    external_task_id: str | None = None,
+) -> Task:
+    """A `Task` from an answer's ``data``; `request_id` is the envelope's.
+
+    `external_task_id` fills in the id we sent when the answer leaves it out.
+    """
     if not isinstance(data, dict):
         raise ResponseFormatError(
             f"unexpected answer (expected a task object, got {type(data).__name__})", path=root
         )
-    task = structure_as(data, Task, root=root)
-    return task if request_id is None else attrs.evolve(task, request_id=request_id)
+    wire = structure_as(data, _WireTask, root=root)
+    return task_from_wire(wire, request_id=request_id, external_task_id=external_task_id)
 
 
 def parse_task_list(data: Any, *, request_id: str | None = None) -> list[Task]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 import urllib.parse
 from datetime import datetime
 from typing import Any
@@ -19,6 +20,8 @@ from kling_async.errors import KlingError, ValidationError
 
 __all__ = ["BatchResult", "ExtendRequest", "PollPolicy", "Task", "TaskStatus", "Video"]
 
+_WHITESPACE = re.compile(r"\s")
+
 #: The longest prompt (and negative prompt) the service accepts, in characters.
 MAX_PROMPT_LENGTH = 2500
 
@@ -29,7 +32,7 @@ def _check_text(max_length: int | None, *, non_blank: bool) -> Any:
             return
         if not isinstance(value, str):
             raise ValidationError(attribute.name, "must be a string", value)
-        if non_blank and (not value or any(ch.isspace() for ch in value)):
+        if non_blank and (not value or _WHITESPACE.search(value)):
             raise ValidationError(attribute.name, "must be non-empty with no whitespace", value)
         if max_length is not None and len(value) > max_length:
             raise ValidationError(attribute.name, f"must be at most {max_length} characters", value)
@@ -50,7 +53,7 @@ def _check_url(instance: object, attribute: attrs.Attribute[Any], value: object)
     if value is None:
         return
     rule = "must be an absolute http(s) URL"
-    if not isinstance(value, str) or any(ch.isspace() for ch in value):
+    if not isinstance(value, str) or _WHITESPACE.search(value):
         raise ValidationError(attribute.name, rule, value)
     try:
         parts = urllib.parse.urlsplit(value)

@@ -67,7 +67,7 @@ def _log_backoff(details: Any) -> None:
     error = details.get("exception")
     logger.info(
         "retrying %s in %.3f s after attempt %d: %s",
-        details.get("name", "request"),
+        details["args"][1],
         details["wait"],
         details["tries"],
         type(error).__name__ if error is not None else "?",
@@ -96,9 +96,15 @@ class Transport:
         self._session = session
         self._owns_session = session is None
         self._closed = False
+        self._runners: dict[
+            Callable[[BaseException], bool],
+            Callable[[Callable[[], Awaitable[Any]], str], Awaitable[Any]],
+        ] = {}
         self.timeout = aiohttp.ClientTimeout(
             total=timeout, connect=min(timeout, 30.0), sock_read=timeout
         )
+        # A session passed in keeps its own default timeout, so ours goes with each request.
+        self._per_request: dict[str, Any] = {"timeout": self.timeout}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -116,6 +122,7 @@ class Transport:
                 connector=aiohttp.TCPConnector(limit=self.max_in_flight),
                 timeout=self.timeout,
             )
+            self._per_request = {}  # the session's own default timeout is ours
         return self._session
 
     def slot(self) -> asyncio.Semaphore:
@@ -168,7 +175,7 @@ class Transport:
                     data=data,
                     headers=headers,
                     allow_redirects=False,
-                    timeout=self.timeout,
+                    **self._per_request,
                 ) as response:
                     payload = await response.read()
                     status = response.status
@@ -245,23 +252,47 @@ class Transport:
         retry_if: Callable[[BaseException], bool] = _protocol.is_retryable,
     ) -> T:
         """Run `attempt` until it succeeds, a non-retryable error, or `max_retries` retries."""
+        # The first try runs bare: most calls succeed, and backoff's bookkeeping costs
+        # more than a create's own parsing. A failure is replayed as backoff's first try,
+        # so waits, logging and the retry count are exactly backoff's.
+        try:
+            return await attempt()
+        except KlingError as error:
+            if not self.max_retries or not retry_if(error):
+                raise
+            first: KlingError | None = error
 
-        async def on_backoff(details: Any) -> None:
-            _log_backoff({**details, "name": name})
+        async def replay() -> T:
+            nonlocal first
+            if first is not None:
+                error, first = first, None
+                raise error
+            return await attempt()
 
+        runner = self._runners.get(retry_if)
+        if runner is None:
+            runner = self._runners[retry_if] = self._make_runner(retry_if)
+        result: T = await runner(replay, name)
+        return result
+
+    def _make_runner(
+        self, retry_if: Callable[[BaseException], bool]
+    ) -> Callable[[Callable[[], Awaitable[Any]], str], Awaitable[Any]]:
+        # Decorating is not free (backoff inspects its handlers each time), so each
+        # retry rule gets one decorated runner per transport, built on first use.
         @backoff.on_exception(
             cast("Callable[..., Generator[float, None, None]]", retry_waits),
             KlingError,
             max_tries=self.max_retries + 1,
             jitter=jitter,
             giveup=lambda error: not retry_if(error),
-            on_backoff=on_backoff,
+            on_backoff=_log_backoff,
             logger=None,
         )
-        async def run() -> T:
+        async def run(attempt: Callable[[], Awaitable[Any]], name: str) -> Any:
             return await attempt()
 
-        return await run()
+        return run
 
     async def request(
         self,

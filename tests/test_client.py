@@ -317,10 +317,10 @@ async def test_simulator_retry_after_and_backoff_waits(
 
 
 async def test_max_in_flight_holds_with_200_concurrent_calls() -> None:
-    async with Simulator(latency=0.01, submit_time=0, processing_time=0) as sim:
+    async with Simulator(latency=0.01, submit_time=0, processing_time=0, seed=2) as sim:
         sim.set_fault_rate(0.2, on="any", kinds=["500", "drop_before", "429"], retry_after=0)
         async with KlingClient(
-            api_key=sim.api_key, base_url=sim.base_url, max_in_flight=5
+            api_key=sim.api_key, base_url=sim.base_url, max_in_flight=5, max_retries=10
         ) as kling:
             tasks = await asyncio.gather(*(kling.extend(REQUEST) for _ in range(200)))
             await asyncio.gather(*(kling.get_task(t.task_id) for t in tasks))

@@ -78,7 +78,10 @@ def test_list_sample() -> None:
 
 @pytest.mark.parametrize(
     ("name", "cls", "code"),
-    [("error-1303.json", RateLimitError, 1303), ("error-1102.json", InsufficientBalanceError, 1102)],
+    [
+        ("error-1303.json", RateLimitError, 1303),
+        ("error-1102.json", InsufficientBalanceError, 1102),
+    ],
 )
 def test_error_samples(name: str, cls: type[APIStatusError], code: int) -> None:
     with pytest.raises(cls) as caught:
@@ -109,13 +112,19 @@ def test_unknown_fields_are_ignored() -> None:
         ({"task_id": "1", "task_status": "x", "created_at": True}, "data.created_at"),
         ({"task_id": "1", "task_status": "x", "task_info": []}, "data.task_info"),
         (
-            {"task_id": "1", "task_status": "x", "task_result": {"videos": [{"id": "v",
-             "duration": "long"}]}},
+            {
+                "task_id": "1",
+                "task_status": "x",
+                "task_result": {"videos": [{"id": "v", "duration": "long"}]},
+            },
             "data.task_result.videos[0].duration",
         ),
         (
-            {"task_id": "1", "task_status": "x", "task_result": {"videos": [{"id": "v",
-             "duration": "false"}]}},
+            {
+                "task_id": "1",
+                "task_status": "x",
+                "task_result": {"videos": [{"id": "v", "duration": "false"}]},
+            },
             "data.task_result.videos[0].duration",
         ),
         ([], "data"),
@@ -135,9 +144,10 @@ def test_list_errors_name_the_index() -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
-                                                                 max_size=4),
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.floats() | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 task_like = st.fixed_dictionaries(
@@ -147,8 +157,9 @@ task_like = st.fixed_dictionaries(
         "task_status": json_values | st.sampled_from(["submitted", "succeed", "failed"]),
         "task_status_msg": json_values,
         "task_info": json_values
-        | st.fixed_dictionaries({}, optional={"parent_video": json_values,
-                                              "external_task_id": json_values}),
+        | st.fixed_dictionaries(
+            {}, optional={"parent_video": json_values, "external_task_id": json_values}
+        ),
         "task_result": json_values
         | st.fixed_dictionaries({}, optional={"videos": st.lists(json_values, max_size=2)}),
         "created_at": json_values,
@@ -170,8 +181,9 @@ def test_arbitrary_json_parses_to_a_task_or_a_format_error(data: Any) -> None:
     st.integers(min_value=100, max_value=599),
     st.one_of(
         json_values,
-        st.fixed_dictionaries({"code": st.integers(), "message": st.text(max_size=5),
-                               "data": json_values | task_like}),
+        st.fixed_dictionaries(
+            {"code": st.integers(min_value=-(2**63), max_value=2**63 - 1), "message": st.text(max_size=5), "data": json_values | task_like}
+        ),
     ),
 )
 def test_arbitrary_bodies_give_a_task_or_a_known_error(status: int, document: Any) -> None:
@@ -225,7 +237,10 @@ def test_task_pickles_inside_errors() -> None:
 
 def test_request_body() -> None:
     request = ExtendRequest(
-        video_id="828006748715380777", prompt="延长动画效果", cfg_scale=0.5, watermark=True,
+        video_id="828006748715380777",
+        prompt="延长动画效果",
+        cfg_scale=0.5,
+        watermark=True,
         parent_task_id="p1",
     )
     assert request.to_body() == {

@@ -152,8 +152,12 @@ def test_paths_quote_ids() -> None:
 
 def test_create_body_leaves_out_none() -> None:
     body = _protocol.create_body(video_id="v", prompt="p", watermark=False, parent_task_id="t")
-    assert body == {"video_id": "v", "prompt": "p", "watermark_info": {"enabled": False},
-                    "task_id": "t"}
+    assert body == {
+        "video_id": "v",
+        "prompt": "p",
+        "watermark_info": {"enabled": False},
+        "task_id": "t",
+    }
 
 
 @pytest.mark.parametrize(
