@@ -238,22 +238,33 @@ class Batch:
                 await self._journal.close()
 
     async def _pull(self) -> tuple[int, Any] | None:
+        if self._aiter is None:
+            return self._pull_sync()  # next() cannot be interleaved: no lock needed
         async with self._input_lock:
             if self._input_done:
                 return None
             try:
-                if self._aiter is not None:
-                    request = await anext(self._aiter)
-                else:
-                    assert self._iter is not None
-                    request = next(self._iter)  # type: ignore[call-overload]
-            except (StopIteration, StopAsyncIteration):
+                request = await anext(self._aiter)
+            except StopAsyncIteration:
                 self._input_done = True
                 return None
-            index = self._next_index
-            self._next_index += 1
-            self.pulled += 1
-            return index, request
+            return self._numbered(request)
+
+    def _pull_sync(self) -> tuple[int, Any] | None:
+        if self._input_done:
+            return None
+        try:
+            request = next(self._iter)  # type: ignore[call-overload]
+        except StopIteration:
+            self._input_done = True
+            return None
+        return self._numbered(request)
+
+    def _numbered(self, request: Any) -> tuple[int, Any]:
+        index = self._next_index
+        self._next_index += 1
+        self.pulled += 1
+        return index, request
 
     async def _worker(self) -> None:
         try:
@@ -263,7 +274,8 @@ class Batch:
                     self.succeeded += 1
                 else:
                     self.failed += 1
-                await self._report()
+                if self._on_progress is not None:
+                    await self._report()
                 await self._results.put(result)
         except asyncio.CancelledError:
             raise

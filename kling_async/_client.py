@@ -52,6 +52,8 @@ logger = logging.getLogger("kling_async")
 
 DEFAULT_BASE_URL: Final = "https://api-singapore.klingai.com"
 MAX_PAGE_SIZE: Final = 500
+#: With callbacks, `wait_for_task` polls this many times less often (a backstop only).
+CALLBACK_BACKSTOP_FACTOR: Final = 3.0
 
 #: A callable told about every status change: sync or async.
 OnUpdate = Callable[[Task], "Awaitable[None] | None"]
@@ -377,7 +379,7 @@ class KlingClient:
         Given a `Task`, the first look comes after `PollPolicy.initial`; given a task
         id, at once. Failed polls that are worth retrying never end the wait. With
         `callbacks`, a callback for the task ends the wait as soon as it arrives; polls
-        go on (as a backstop) in case a callback is lost.
+        go on, three times less often, as a backstop in case a callback is lost.
 
         Args:
             task_or_id: the task, or its `task_id`.
@@ -417,7 +419,9 @@ class KlingClient:
                     )
                 update = None
                 if subscription is not None:
-                    update = await subscription.next(min(delay, remaining))
+                    # Callbacks carry the news; polls are only the backstop, so slower.
+                    backstop = delay * CALLBACK_BACKSTOP_FACTOR
+                    update = await subscription.next(min(backstop, remaining))
                 elif delay > 0:
                     await asyncio.sleep(min(delay, remaining))
                 if update is None and loop.time() < deadline:

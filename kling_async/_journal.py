@@ -193,7 +193,7 @@ class Journal:
                     if not isinstance(error, Exception):
                         raise
                     continue
-                for (_, future), outcome in zip(batch, outcomes):
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
                     if not future.done():
                         future.set_result(outcome)
         finally:
@@ -267,6 +267,7 @@ def _connect(path: Path) -> tuple[sqlite3.Connection, str]:
         connection.executescript(_SCHEMA)
         connection.execute("BEGIN IMMEDIATE")
         row = connection.execute("SELECT value FROM meta WHERE key = 'batch_id'").fetchone()
+        compatible = True
         if row is None:
             batch_id = uuid.uuid4().hex[:16]
             connection.executemany(
@@ -278,11 +279,7 @@ def _connect(path: Path) -> tuple[sqlite3.Connection, str]:
             version = connection.execute(
                 "SELECT value FROM meta WHERE key = 'schema_version'"
             ).fetchone()
-            if version is None or version[0] != SCHEMA_VERSION:
-                connection.execute("ROLLBACK")
-                raise ValidationError(
-                    "journal", f"{path} was written by an incompatible kling_async version"
-                )
+            compatible = version is not None and version[0] == SCHEMA_VERSION
         connection.execute("COMMIT")
     except sqlite3.DatabaseError as error:
         connection.close()
@@ -292,6 +289,11 @@ def _connect(path: Path) -> tuple[sqlite3.Connection, str]:
     except BaseException:
         connection.close()
         raise
+    if not compatible:
+        connection.close()
+        raise ValidationError(
+            "journal", f"{path} was written by an incompatible kling_async version"
+        )
     return connection, batch_id
 
 

@@ -92,15 +92,18 @@ def create_body(
 ) -> dict[str, Any]:
     """The JSON body of a create request; fields that are None are left out."""
     body: dict[str, Any] = {"video_id": video_id, "prompt": prompt}
-    optional: dict[str, Any] = {
-        "negative_prompt": negative_prompt,
-        "cfg_scale": cfg_scale,
-        "callback_url": callback_url,
-        "external_task_id": external_task_id,
-        "watermark_info": None if watermark is None else {"enabled": watermark},
-        "task_id": parent_task_id,
-    }
-    body.update((key, value) for key, value in optional.items() if value is not None)
+    if negative_prompt is not None:
+        body["negative_prompt"] = negative_prompt
+    if cfg_scale is not None:
+        body["cfg_scale"] = cfg_scale
+    if callback_url is not None:
+        body["callback_url"] = callback_url
+    if external_task_id is not None:
+        body["external_task_id"] = external_task_id
+    if watermark is not None:
+        body["watermark_info"] = {"enabled": watermark}
+    if parent_task_id is not None:
+        body["task_id"] = parent_task_id
     return body
 
 
@@ -158,7 +161,8 @@ def decode_envelope(status: int, headers: Mapping[str, str], body: bytes) -> Env
     An error status with a body that is not the envelope (a proxy's HTML page) still
     raises by status class; a 2xx that is not the envelope raises `ResponseFormatError`.
     """
-    retry_after = parse_retry_after(headers.get("Retry-After"))
+    # Retry-After only matters on an error answer.
+    retry_after = parse_retry_after(headers.get("Retry-After")) if status >= 400 else None
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:

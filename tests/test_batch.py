@@ -43,15 +43,21 @@ def assert_one_task_per_input(sim: Simulator, n: int) -> None:
 
 async def test_wait_true_yields_one_result_per_input(client: KlingClient, sim: Simulator) -> None:
     snapshots: list[BatchProgress] = []
-    results = await collect(client.extend_many(requests(20), concurrency=5,
-                                               on_progress=snapshots.append))
+    results = await collect(
+        client.extend_many(requests(20), concurrency=5, on_progress=snapshots.append)
+    )
     assert sorted(r.index for r in results) == list(range(20))
     assert all(r.ok and r.task is not None and r.task.succeeded for r in results)
     assert all(r.request.video_id == f"video-{r.index}" for r in results)
     assert_one_task_per_input(sim, 20)
     last = snapshots[-1]
     assert (last.succeeded, last.failed, last.pending, last.running, last.total) == (
-        20, 0, 0, 0, 20)
+        20,
+        0,
+        0,
+        0,
+        20,
+    )
     assert last.submitted == 20
     assert max(s.running for s in snapshots) <= 5
 
@@ -63,8 +69,10 @@ async def test_wait_false_is_done_when_created(client: KlingClient, sim: Simulat
 
 
 async def test_failed_items_are_results_not_exceptions() -> None:
-    async with Simulator(failure_rate=1.0, submit_time=0, processing_time=0.01) as sim, \
-            KlingClient(api_key=sim.api_key, base_url=sim.base_url, poll=FAST_POLL) as kling:
+    async with (
+        Simulator(failure_rate=1.0, submit_time=0, processing_time=0.01) as sim,
+        KlingClient(api_key=sim.api_key, base_url=sim.base_url, poll=FAST_POLL) as kling,
+    ):
         items: list[object] = [*requests(3), "not a request"]
         results = await collect(kling.extend_many(items))  # type: ignore[arg-type]
     failures = [r for r in results if isinstance(r.error, TaskFailedError)]
@@ -117,8 +125,9 @@ async def test_input_is_read_lazily(sim: Simulator) -> None:
 
     done = 0
     worst = 0
-    async with KlingClient(api_key=sim.api_key, base_url=sim.base_url,
-                           max_in_flight=concurrency) as kling:
+    async with KlingClient(
+        api_key=sim.api_key, base_url=sim.base_url, max_in_flight=concurrency
+    ) as kling:
         async for _ in kling.extend_many(source(), concurrency=concurrency, wait=False):
             done += 1
             worst = max(worst, pulled - done)
@@ -129,13 +138,16 @@ async def test_input_is_read_lazily(sim: Simulator) -> None:
 
 
 async def test_account_running_limit_is_respected() -> None:
-    async with Simulator(running_limit=3, submit_time=0.02, processing_time=0.05,
-                         seed=3) as sim, KlingClient(api_key=sim.api_key,
-                                                     base_url=sim.base_url, poll=FAST_POLL,
-                                                     max_in_flight=12) as kling:
+    async with (
+        Simulator(running_limit=3, submit_time=0.02, processing_time=0.05, seed=3) as sim,
+        KlingClient(
+            api_key=sim.api_key, base_url=sim.base_url, poll=FAST_POLL, max_in_flight=12
+        ) as kling,
+    ):
         snapshots: list[BatchProgress] = []
-        results = await collect(kling.extend_many(requests(60), concurrency=12,
-                                                  on_progress=snapshots.append))
+        results = await collect(
+            kling.extend_many(requests(60), concurrency=12, on_progress=snapshots.append)
+        )
     assert len(results) == 60 and all(r.ok for r in results)
     assert_one_task_per_input(sim, 60)
     throttled = snapshots[-1].throttled
@@ -147,12 +159,27 @@ async def test_account_running_limit_is_respected() -> None:
 @pytest.mark.slow
 async def test_faults_on_creates_and_polls_lose_and_duplicate_nothing() -> None:
     async with Simulator(submit_time=0.01, processing_time=0.05, seed=11) as sim:
-        kinds = ["500", "503", "504", "429", "drop_before", "drop_after", "slow", "html",
-                 "truncated"]
+        kinds = [
+            "500",
+            "503",
+            "504",
+            "429",
+            "drop_before",
+            "drop_after",
+            "slow",
+            "html",
+            "truncated",
+        ]
         sim.set_fault_rate(0.3, on="create", kinds=kinds, retry_after=0.01, delay=0.5)
         sim.set_fault_rate(0.3, on="get", kinds=kinds, retry_after=0.01, delay=0.5)
-        async with KlingClient(api_key=sim.api_key, base_url=sim.base_url, poll=FAST_POLL,
-                               max_in_flight=16, max_retries=12, timeout=0.25) as kling:
+        async with KlingClient(
+            api_key=sim.api_key,
+            base_url=sim.base_url,
+            poll=FAST_POLL,
+            max_in_flight=16,
+            max_retries=12,
+            timeout=0.25,
+        ) as kling:
             results = await collect(kling.extend_many(requests(500), concurrency=32))
         assert len(results) == 500
         assert [r.error for r in results if not r.ok] == []
@@ -162,9 +189,10 @@ async def test_faults_on_creates_and_polls_lose_and_duplicate_nothing() -> None:
 
 
 async def test_no_credit_stops_submissions() -> None:
-    async with Simulator(credit=5, submit_time=0, processing_time=0.05) as sim, KlingClient(
-        api_key=sim.api_key, base_url=sim.base_url, poll=FAST_POLL
-    ) as kling:
+    async with (
+        Simulator(credit=5, submit_time=0, processing_time=0.05) as sim,
+        KlingClient(api_key=sim.api_key, base_url=sim.base_url, poll=FAST_POLL) as kling,
+    ):
         results = await collect(kling.extend_many(requests(30), concurrency=4))
         creates_then = sim.counters.creates
     assert len(results) == 30
@@ -185,7 +213,8 @@ async def test_leaving_the_loop_cancels_everything(sim: Simulator) -> None:
         loop = asyncio.get_running_loop()
         async for result in kling.extend_many(
             (ExtendRequest(video_id=f"v{i}", prompt="p") for i in range(100)),
-            concurrency=10, wait=False,
+            concurrency=10,
+            wait=False,
         ):
             assert result.ok
             got += 1
@@ -260,8 +289,9 @@ async def test_journal_that_is_not_sqlite(client: KlingClient, tmp_path: Path) -
 async def test_journal_retries_transient_errors_on_rerun(sim: Simulator, tmp_path: Path) -> None:
     journal = tmp_path / "j.sqlite"
     sim.inject("503", on="create", times=3)
-    async with KlingClient(api_key=sim.api_key, base_url=sim.base_url, poll=FAST_POLL,
-                           max_retries=0) as kling:
+    async with KlingClient(
+        api_key=sim.api_key, base_url=sim.base_url, poll=FAST_POLL, max_retries=0
+    ) as kling:
         first = await collect(kling.extend_many(requests(1), journal=journal, concurrency=1))
         assert not first[0].ok
         # 503 may have created the task: the rerun looks it up before it submits again
@@ -295,8 +325,12 @@ async def test_crash_and_resume_with_sigkill(tmp_path: Path) -> None:
     script.write_text(CRASH_SCRIPT)
     async with Simulator(submit_time=0.02, processing_time=0.3, seed=5) as sim:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, str(script), sim.base_url, str(journal),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            str(script),
+            sim.base_url,
+            str(journal),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
         )
         assert process.stdout is not None
@@ -308,12 +342,14 @@ async def test_crash_and_resume_with_sigkill(tmp_path: Path) -> None:
         process.send_signal(signal.SIGKILL)
         await process.wait()
         assert sim.counters.tasks_created < 40  # killed mid-way
-        async with KlingClient(api_key=sim.api_key, base_url=sim.base_url,
-                               poll=FAST_POLL) as kling:
-            results = await collect(kling.extend_many(
-                (ExtendRequest(video_id=f"video-{i}", prompt=f"extend {i}") for i in range(40)),
-                concurrency=8, journal=journal,
-            ))
+        async with KlingClient(api_key=sim.api_key, base_url=sim.base_url, poll=FAST_POLL) as kling:
+            results = await collect(
+                kling.extend_many(
+                    (ExtendRequest(video_id=f"video-{i}", prompt=f"extend {i}") for i in range(40)),
+                    concurrency=8,
+                    journal=journal,
+                )
+            )
         assert sorted(r.index for r in results) == list(range(40))
         assert all(r.ok for r in results)
         assert_one_task_per_input(sim, 40)
@@ -330,7 +366,9 @@ async def test_chain_grows_the_video(client: KlingClient, sim: Simulator) -> Non
     assert len(steps) == 3
     durations = [step.videos[0].duration for step in steps]
     assert durations == sorted(durations) and durations[0] > 5.1
-    assert all(4.0 <= b - a <= 5.0 + 1e-9 for a, b in zip([5.1, *durations], durations))
+    assert all(
+        4.0 <= b - a <= 5.0 + 1e-9 for a, b in zip([5.1, *durations], durations, strict=False)
+    )
     posts = [r for r in sim.recent_requests if r.method == "POST"]
     assert b'"video_id":"start-video"' in posts[0].body
     assert f'"video_id":"{steps[0].videos[0].id}"'.encode() in posts[1].body
@@ -369,9 +407,10 @@ async def test_chain_bad_options(client: KlingClient) -> None:
 
 
 async def test_chain_failure_carries_the_steps_done() -> None:
-    async with Simulator(submit_time=0, processing_time=0.02) as sim, KlingClient(
-        api_key=sim.api_key, base_url=sim.base_url, poll=FAST_POLL
-    ) as kling:
+    async with (
+        Simulator(submit_time=0, processing_time=0.02) as sim,
+        KlingClient(api_key=sim.api_key, base_url=sim.base_url, poll=FAST_POLL) as kling,
+    ):
         first = await kling.extend_chain("v", ["a"])
         sim.failure_rate = 1.0
         with pytest.raises(TaskFailedError) as caught:

@@ -341,22 +341,22 @@ async def test_max_in_flight_holds_with_200_concurrent_calls() -> None:
 
 
 async def test_jwt_auth_signs_caches_and_resigns_on_1004() -> None:
-    async with Simulator(access_key="ak-1", secret_key="short") as sim:  # short: no warning
-        async with KlingClient(
-            access_key="ak-1", secret_key="short", base_url=sim.base_url
-        ) as kling:
-            task = await kling.extend(REQUEST)
-            await kling.get_task(task.task_id)
-            tokens = {r.headers["Authorization"] for r in sim.recent_requests}
-            assert len(tokens) == 1  # cached
-            sim.expire_tokens()
-            # Claims have whole seconds: a token signed in the same second as the expiry
-            # would be the very same token, so let the clock tick over first.
-            await asyncio.sleep(1.05)
-            await kling.get_task(task.task_id)
-            tokens = [r.headers["Authorization"] for r in sim.recent_requests]
-            assert len(set(tokens)) == 2  # re-signed once
-            assert sim.counters.tasks_created == 1
+    async with (
+        Simulator(access_key="ak-1", secret_key="short") as sim,  # short: no warning
+        KlingClient(access_key="ak-1", secret_key="short", base_url=sim.base_url) as kling,
+    ):
+        task = await kling.extend(REQUEST)
+        await kling.get_task(task.task_id)
+        tokens = {r.headers["Authorization"] for r in sim.recent_requests}
+        assert len(tokens) == 1  # cached
+        sim.expire_tokens()
+        # Claims have whole seconds: a token signed in the same second as the expiry
+        # would be the very same token, so let the clock tick over first.
+        await asyncio.sleep(1.05)
+        await kling.get_task(task.task_id)
+        tokens = [r.headers["Authorization"] for r in sim.recent_requests]
+        assert len(set(tokens)) == 2  # re-signed once
+        assert sim.counters.tasks_created == 1
 
 
 async def test_wrong_secret_is_an_authentication_error() -> None:
@@ -397,7 +397,7 @@ async def test_credentials_appear_nowhere(debug_log: pytest.LogCaptureFixture) -
                 for call in (kling.get_task("missing"), kling.list_tasks(page_size=999)):
                     try:
                         await call
-                    except Exception as error:  # noqa: BLE001
+                    except Exception as error:
                         errors.append(error)
             texts.append(repr(kling))
         tokens = {r.headers.get("Authorization", "") for r in sim.recent_requests}

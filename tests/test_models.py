@@ -22,8 +22,8 @@ from kling_async import (
     TaskStatus,
     ValidationError,
     Video,
+    _protocol,
 )
-from kling_async import _protocol
 from kling_async._converter import converter, parse_task, parse_task_list
 from kling_async.errors import APIStatusError, InsufficientBalanceError, RateLimitError
 
@@ -144,7 +144,11 @@ def test_list_errors_name_the_index() -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.floats() | st.text(max_size=5),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats()
+    | st.text(max_size=5),
     lambda inner: (
         st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
     ),
@@ -182,7 +186,11 @@ def test_arbitrary_json_parses_to_a_task_or_a_format_error(data: Any) -> None:
     st.one_of(
         json_values,
         st.fixed_dictionaries(
-            {"code": st.integers(min_value=-(2**63), max_value=2**63 - 1), "message": st.text(max_size=5), "data": json_values | task_like}
+            {
+                "code": st.integers(min_value=-(2**63), max_value=2**63 - 1),
+                "message": st.text(max_size=5),
+                "data": json_values | task_like,
+            }
         ),
     ),
 )

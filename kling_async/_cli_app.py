@@ -1,0 +1,328 @@
+"""The ``kling-async`` command group and its single-task commands.
+
+``extend``, ``status``, ``wait``, ``list`` and ``download`` work on one task (or one
+page of them); ``batch`` lives in `kling_async._cli_batch`; ``simulate`` serves the
+simulator in the foreground.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from pathlib import Path
+
+import click
+
+from kling_async import __version__
+from kling_async._cli_batch import batch
+from kling_async._cli_output import print_json, print_task, print_task_table, saved, task_document
+from kling_async._cli_progress import download_display, task_status_display
+from kling_async._cli_runtime import (
+    EXIT_FAILED,
+    EXIT_OK,
+    CliCommand,
+    ClientOptions,
+    client_options,
+    report,
+    run_async,
+    run_with_client,
+)
+from kling_async._client import MAX_PAGE_SIZE, KlingClient
+from kling_async._models import ExtendRequest, Task
+from kling_async.errors import TaskFailedError, WaitTimeoutError
+
+_JSON_HELP = "Print the task as the service's JSON (one line) instead of text."
+_WAIT_TIMEOUT = 900.0
+
+
+class _Group(click.Group):
+    command_class = CliCommand
+
+
+@click.group(
+    cls=_Group,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.version_option(__version__, "--version", prog_name="kling-async")
+def cli() -> None:
+    """Extend videos with Kling's video-extend API, from the command line.
+
+    Credentials come from the environment only (never from options, which would land
+    in your shell history): KLING_API_KEY (a gateway's key), or KLING_ACCESS_KEY and
+    KLING_SECRET_KEY (the official API). KLING_BASE_URL sets the API root. Add
+    --simulate to any command to try it against a built-in simulator instead.
+
+    Exit status: 0 success, 1 a task (or a batch row) failed, 2 a usage or
+    configuration problem.
+
+    \b
+    Examples:
+      kling-async extend 828006748715380777 "make the waves roll in" --wait
+      kling-async status 828006748715380777 --json
+      kling-async batch examples/batch.jsonl --download downloads/
+      kling-async batch examples/batch.jsonl --simulate=auto --download downloads/
+    """
+
+
+def _finish(code: int) -> None:
+    click.get_current_context().exit(code)
+
+
+async def _wait(kling: KlingClient, task: Task | str, timeout: float, *, as_json: bool) -> int:
+    """Wait for a task with a status display; print it; 0 succeeded, 1 failed or late."""
+    task_id = task.task_id if isinstance(task, Task) else task
+    try:
+        with task_status_display(task_id) as show:
+            done = await kling.wait_for_task(task, timeout=timeout, on_update=show)
+    except (TaskFailedError, WaitTimeoutError) as error:
+        print_task(error.task, as_json=as_json)
+        report(str(error))
+        return EXIT_FAILED
+    print_task(done, as_json=as_json)
+    return EXIT_OK
+
+
+@cli.command(short_help="Create one extension task (and optionally wait for it).")
+@click.argument("video_id")
+@click.argument("prompt")
+@click.option("--negative-prompt", metavar="TEXT", help="What the extension should avoid.")
+@click.option(
+    "--cfg-scale",
+    type=click.FloatRange(0, 1),
+    metavar="FLOAT",
+    help="How closely to follow the prompt, from 0 to 1.",
+)
+@click.option("--callback-url", metavar="URL", help="Where Kling POSTs the task's updates.")
+@click.option(
+    "--external-task-id",
+    metavar="ID",
+    help="Your own id for the task [default: a fresh UUID, which makes retries safe].",
+)
+@click.option("--watermark/--no-watermark", default=None, help="Ask for a watermark or none.")
+@click.option(
+    "--parent-task-id", metavar="ID", help="The task that made VIDEO_ID (some gateways want it)."
+)
+@click.option("--wait", "wait_", is_flag=True, help="Wait for the result and print it.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=_WAIT_TIMEOUT,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --wait: give up waiting after SECONDS (the task goes on).",
+)
+@click.option("--json", "as_json", is_flag=True, help=_JSON_HELP)
+@client_options
+def extend(
+    video_id: str,
+    prompt: str,
+    negative_prompt: str | None,
+    cfg_scale: float | None,
+    callback_url: str | None,
+    external_task_id: str | None,
+    watermark: bool | None,
+    parent_task_id: str | None,
+    wait_: bool,
+    timeout: float,
+    as_json: bool,
+    client: ClientOptions,
+) -> None:
+    """Extend the video VIDEO_ID by 4-5 s, following PROMPT.
+
+    Prints the new task; with --wait, waits for it (a spinner on a terminal) and prints
+    the finished task, exiting 1 if it failed.
+
+    \b
+    Example:
+      kling-async extend 828006748715380777 "the camera pulls back" --cfg-scale 0.5 --wait
+    """
+
+    async def body(kling: KlingClient) -> int:
+        request = ExtendRequest(
+            video_id=video_id,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            cfg_scale=cfg_scale,
+            callback_url=callback_url,
+            external_task_id=external_task_id,
+            watermark=watermark,
+            parent_task_id=parent_task_id,
+        )
+        task = await kling.extend(request)
+        if wait_:
+            return await _wait(kling, task, timeout, as_json=as_json)
+        print_task(task, as_json=as_json)
+        if not as_json:
+            click.echo(f"Wait for it with: kling-async wait {task.task_id}", err=True)
+        return EXIT_OK
+
+    _finish(run_with_client(client, body))
+
+
+@cli.command(short_help="Show one task.")
+@click.argument("task_id")
+@click.option(
+    "--external", is_flag=True, help="TASK_ID is your external_task_id, not Kling's task_id."
+)
+@click.option("--json", "as_json", is_flag=True, help=_JSON_HELP)
+@client_options
+def status(task_id: str, external: bool, as_json: bool, client: ClientOptions) -> None:
+    """Show the task TASK_ID: its status, and its video once it has succeeded."""
+
+    async def body(kling: KlingClient) -> int:
+        if external:
+            task = await kling.get_task(external_task_id=task_id)
+        else:
+            task = await kling.get_task(task_id)
+        print_task(task, as_json=as_json)
+        return EXIT_OK
+
+    _finish(run_with_client(client, body))
+
+
+@cli.command(short_help="Wait for a task to finish.")
+@click.argument("task_id")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=_WAIT_TIMEOUT,
+    show_default=True,
+    metavar="SECONDS",
+    help="Give up after SECONDS (the task goes on; exit 1).",
+)
+@click.option("--json", "as_json", is_flag=True, help=_JSON_HELP)
+@client_options
+def wait(task_id: str, timeout: float, as_json: bool, client: ClientOptions) -> None:
+    """Wait until the task TASK_ID succeeds or fails, and print it.
+
+    Shows the task's status on a terminal as it changes. Exits 0 if it succeeded, 1 if
+    it failed or the time ran out.
+    """
+
+    async def body(kling: KlingClient) -> int:
+        return await _wait(kling, task_id, timeout, as_json=as_json)
+
+    _finish(run_with_client(client, body))
+
+
+@cli.command("list", short_help="List your tasks, newest first.")
+@click.option("--page", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--page-size", type=click.IntRange(1, MAX_PAGE_SIZE), default=30, show_default=True)
+@click.option("--all", "all_pages", is_flag=True, help="Every page, not just --page.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one task per line.")
+@client_options
+def list_(page: int, page_size: int, all_pages: bool, as_json: bool, client: ClientOptions) -> None:
+    """List your tasks, newest first: a table, or JSON Lines with --json."""
+
+    async def body(kling: KlingClient) -> int:
+        if all_pages:
+            if as_json:
+                async for task in kling.iter_tasks(page_size):
+                    print_json(task_document(task))
+                return EXIT_OK
+            tasks = [task async for task in kling.iter_tasks(page_size)]
+        else:
+            tasks = await kling.list_tasks(page, page_size)
+        if as_json:
+            for task in tasks:
+                print_json(task_document(task))
+        elif not print_task_table(tasks):
+            click.echo("no tasks", err=True)
+        return EXIT_OK
+
+    _finish(run_with_client(client, body))
+
+
+@cli.command(short_help="Save a task's video to a file.")
+@click.argument("task_id")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace the file if it exists.")
+@client_options
+def download(task_id: str, dest: Path, overwrite: bool, client: ClientOptions) -> None:
+    """Save the video of the succeeded task TASK_ID to DEST and print its path.
+
+    DEST is a file, or an existing directory where the video is saved as
+    <video id>.mp4. The file appears only once it is complete.
+    """
+
+    async def body(kling: KlingClient) -> int:
+        task = await kling.get_task(task_id)
+        if not task.succeeded or not task.videos:
+            state = task.raw_status or task.status.value
+            report(
+                f"task {task_id} is {state}: it has no video to download"
+                + ("" if task.is_terminal else f" yet (try: kling-async wait {task_id})")
+            )
+            return EXIT_FAILED
+        with download_display(task.videos[0].id) as show:
+            path = await kling.download(task, dest, overwrite=overwrite, on_progress=show)
+        saved(path)
+        return EXIT_OK
+
+    _finish(run_with_client(client, body))
+
+
+@cli.command(short_help="Serve the simulator in the foreground.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8765,
+    show_default=True,
+    help="Port of the API (0: any free port).",
+)
+@click.option(
+    "--processing-time",
+    type=click.FloatRange(min=0),
+    default=3.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="How long each task processes.",
+)
+@click.option(
+    "--failure-rate",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Fraction of tasks that end failed.",
+)
+def simulate(host: str, port: int, processing_time: float, failure_rate: float) -> None:
+    """Serve a simulator of Kling's video-extend API until Ctrl-C.
+
+    Prints KLING_BASE_URL=... and KLING_API_KEY=... lines: export them (the key is the
+    simulator's own, not a secret) and every command talks to the simulator.
+
+    \b
+    Example:
+      kling-async simulate --port 8765 &
+      export KLING_BASE_URL=http://127.0.0.1:8765 KLING_API_KEY=sim-api-key
+      kling-async extend 828006748715380777 "the sun sets" --wait
+    """
+    from kling_async.testing import Simulator
+
+    async def serve() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signum, stop.set)
+        simulator = Simulator(
+            host=host,
+            port=port,
+            submit_time=0.5,
+            processing_time=processing_time,
+            failure_rate=failure_rate,
+        )
+        async with simulator:
+            click.echo(f"KLING_BASE_URL={simulator.base_url}")
+            click.echo(f"KLING_API_KEY={simulator.api_key}")
+            click.echo("Serving the simulator; press Ctrl-C to stop.", err=True)
+            await stop.wait()
+        return EXIT_OK
+
+    code = run_async(serve)
+    _finish(EXIT_OK if code == 130 else code)
+
+
+cli.add_command(batch)

@@ -1,0 +1,476 @@
+"""Kling's task callbacks: an aiohttp handler that verifies, de-duplicates and delivers them.
+
+Kling POSTs a task (the same object as `get_task`'s ``data``) to a task's
+``callback_url`` on every status change. `CallbackReceiver` is the handler for that
+URL: it checks Standard Webhooks signatures when a secret is set, answers a repeated
+``webhook-id`` without delivering it twice, reads both callback formats (the legacy
+task object and the newer ``id``/``status``/``outputs`` one) into a `Task`, and hands
+each task to its subscribers, to an optional ``on_task`` hook and to `latest`.
+
+```python
+from aiohttp import web
+from kling_async.callbacks import CallbackReceiver
+
+receiver = CallbackReceiver(url="https://example.com/kling/callback")
+app = web.Application()
+receiver.add_to(app)  # POST /kling/callback
+...
+done = await kling.extend_and_wait(request, callbacks=receiver)
+```
+
+`wait_for_task(..., callbacks=receiver)` keeps polling (more slowly) alongside, so a
+lost callback never loses a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+from aiohttp import web
+from standardwebhooks.webhooks import Webhook
+
+from kling_async._converter import parse_task
+from kling_async._hooks import call_back
+from kling_async._models import Task
+from kling_async.errors import ConfigurationError, ResponseFormatError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["CallbackReceiver", "TaskSubscription"]
+
+logger = logging.getLogger("kling_async")
+
+#: The environment variable a `CallbackReceiver` reads its secret from.
+SECRET_ENV: Final = "KLING_WEBHOOK_SECRET"  # noqa: S105 (a variable name, not a secret)
+#: Updates a subscription holds before it drops the oldest (only the newest matter).
+SUBSCRIPTION_QUEUE_SIZE: Final = 64
+
+_SIGNATURE_HEADERS: Final = ("webhook-id", "webhook-timestamp", "webhook-signature")
+#: The newer format's statuses that differ from the legacy ones.
+_NEW_STATUSES: Final = {"succeeded": "succeed"}
+_READ_CHUNK: Final = 64 * 1024
+
+#: A hook told about every delivered task: sync or async.
+OnTask = Callable[[Task], "Awaitable[None] | None"]
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class TaskSubscription:
+    """The updates of one task, collected from the moment `CallbackReceiver.subscribe` is called.
+
+    It holds at most the newest few updates (older ones are dropped first). Use it as a
+    context manager, or call `close` when done.
+    """
+
+    def __init__(self, receiver: CallbackReceiver, task_id: str) -> None:
+        self.task_id = task_id
+        self._receiver = receiver
+        self._queue: asyncio.Queue[Task] = asyncio.Queue(SUBSCRIPTION_QUEUE_SIZE)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self._queue.qsize()} pending"
+        return f"<TaskSubscription {self.task_id} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        """True once `close` was called."""
+        return self._closed
+
+    def _put(self, task: Task) -> None:
+        # Only the newest states matter: when full, the oldest update makes room.
+        if self._closed:
+            return
+        if self._queue.full():
+            self._queue.get_nowait()
+        self._queue.put_nowait(task)
+
+    async def next(self, timeout: float) -> Task | None:
+        """The next update that arrives within `timeout` seconds, else None.
+
+        A closed subscription answers None at once.
+        """
+        if self._closed:
+            return None
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        if timeout <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    def close(self) -> None:
+        """Stop collecting updates (safe to repeat)."""
+        if not self._closed:
+            self._closed = True
+            self._receiver._unsubscribe(self)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class CallbackReceiver:
+    """Receives Kling's task callbacks: mount `handle` in your aiohttp app, or `serve` it.
+
+    Args:
+        secret: the webhook signing secret (``whsec_...``). When None, read from
+            ``KLING_WEBHOOK_SECRET`` (an empty value counts as unset). With a secret,
+            every callback must carry valid ``webhook-id``/``webhook-timestamp``/
+            ``webhook-signature`` headers (timestamp within 5 minutes; any one of several
+            space-separated signatures may match); without one, nothing is verified.
+        url: the public URL Kling should POST to (the `url` property). Without it, the
+            URL is the address `serve` listens on.
+        path: the route `add_to` and `serve` mount the handler on.
+        max_body_size: the largest body accepted, in bytes (larger: 413).
+        remember_ids: how many ``webhook-id``s (to answer repeats without delivering
+            them again) and how many tasks' latest states (`latest`) are kept.
+        on_task: called (sync or async) with every delivered task. If it raises, the
+            sender gets a 500 (so it can retry) and the ``webhook-id`` is not remembered.
+
+    Raises:
+        ConfigurationError: the secret is not one standardwebhooks accepts, or another
+            argument is unusable.
+    """
+
+    def __init__(
+        self,
+        secret: str | None = None,
+        *,
+        url: str | None = None,
+        path: str = "/kling/callback",
+        max_body_size: int = 1 << 20,
+        remember_ids: int = 10_000,
+        on_task: OnTask | None = None,
+    ) -> None:
+        self._webhook = _make_webhook(secret)
+        if url is not None and not _is_http_url(url):
+            raise ConfigurationError("url must be an absolute http(s) URL")
+        if not _is_text(path) or not path.startswith("/"):
+            raise ConfigurationError("path must be a string starting with '/'")
+        for name, value in (("max_body_size", max_body_size), ("remember_ids", remember_ids)):
+            if not _is_count(value):
+                raise ConfigurationError(f"{name} must be an integer of at least 1")
+        if on_task is not None and not callable(on_task):
+            raise ConfigurationError("on_task must be callable")
+        self.path = path
+        self.max_body_size = max_body_size
+        self.remember_ids = remember_ids
+        self._url = url
+        self._served_url: str | None = None
+        self._on_task = on_task
+        self._seen_ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._latest: collections.OrderedDict[str, Task] = collections.OrderedDict()
+        self._subscriptions: dict[str, set[TaskSubscription]] = {}
+
+    def __repr__(self) -> str:
+        mode = "verifying signatures" if self.verifies_signatures else "unsigned"
+        where = self._url or self._served_url or "no url"
+        return f"<CallbackReceiver {where} path={self.path} {mode}>"
+
+    @property
+    def verifies_signatures(self) -> bool:
+        """True when a secret is set and every callback's signature is checked."""
+        return self._webhook is not None
+
+    @property
+    def url(self) -> str:
+        """The public URL Kling should POST to: the `url` argument, else the served address.
+
+        Raises:
+            ConfigurationError: no `url` was given and the receiver is not being served.
+        """
+        url = self._url or self._served_url
+        if url is None:
+            raise ConfigurationError(
+                "CallbackReceiver has no URL: pass url= (the public address Kling can "
+                "reach, ending in the receiver's path) or run it with `async with "
+                "receiver.serve()`"
+            )
+        return url
+
+    # -- mounting ----------------------------------------------------------------------
+
+    def add_to(self, app: web.Application) -> None:
+        """Mount `handle` on ``POST`` `path` of an aiohttp application."""
+        app.router.add_post(self.path, self.handle)
+
+    @contextlib.asynccontextmanager
+    async def serve(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
+        """Serve the receiver alone on `host`:`port` (0 picks a free port).
+
+        Yields the URL it serves (``http://host:port/path``), which is also `url` unless
+        a `url` was given. Everything is shut down when the block ends.
+        """
+        if self._served_url is not None:
+            raise RuntimeError("this CallbackReceiver is already being served")
+        app = web.Application()
+        self.add_to(app)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+            bound_port = runner.addresses[0][1]
+            shown_host = f"[{host}]" if ":" in host else host
+            served = f"http://{shown_host}:{bound_port}{self.path}"
+            self._served_url = served
+            yield served
+        finally:
+            self._served_url = None
+            await runner.cleanup()
+
+    # -- the handler -------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """The aiohttp handler for Kling's POSTs.
+
+        Answers 413 to a body over `max_body_size`, 401 to a missing or bad signature
+        (when a secret is set), 200 to a ``webhook-id`` already delivered (without
+        delivering it again), 400 to a body that is not a task, 500 when ``on_task``
+        raised, and 200 ``{"ok": true}`` once the task is delivered.
+        """
+        try:
+            body = await self._read_body(request)
+        except _BodyTooLarge:
+            logger.warning("callback rejected: body over %d bytes", self.max_body_size)
+            return _answer(413, "body too large", close=True)
+        if self._webhook is not None:
+            headers = {name: request.headers.get(name, "") for name in _SIGNATURE_HEADERS}
+            # The library splits on single spaces and unpacks "version,signature" pairs,
+            # so stray spaces or a comma-less entry would hide a valid signature.
+            headers["webhook-signature"] = " ".join(
+                part for part in headers["webhook-signature"].split() if "," in part
+            )
+            try:
+                self._webhook.verify(body, headers, json_parse=False)
+            except Exception:  # any failure, including the library's crashes on garbage
+                logger.warning("callback rejected: missing or invalid webhook signature")
+                return _answer(401, "invalid signature")
+        message_id = request.headers.get("webhook-id") or None
+        if message_id is not None and message_id in self._seen_ids:
+            self._seen_ids.move_to_end(message_id)
+            logger.info("callback %r already delivered; not delivering it again", message_id)
+            return _answer(200, None, duplicate=True)
+        try:
+            task = _parse_callback(body)
+        except ResponseFormatError as error:
+            logger.warning("callback rejected: %s", error)
+            return _answer(400, str(error))
+        # Nothing above awaited since the duplicate check, so two copies cannot race.
+        if message_id is not None:
+            self._remember_id(message_id)
+        self._deliver(task)
+        try:
+            await call_back(self._on_task, task)
+        except Exception:
+            logger.exception("on_task failed for task %s", task.task_id)
+            if message_id is not None:
+                self._seen_ids.pop(message_id, None)  # let the sender's retry through
+            return _answer(500, "on_task failed")
+        return _answer(200, None)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        announced = request.content_length
+        if announced is not None and announced > self.max_body_size:
+            raise _BodyTooLarge
+        # Read in chunks so a chunked body (no Content-Length) cannot exceed the limit.
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_chunked(_READ_CHUNK):
+            size += len(chunk)
+            if size > self.max_body_size:
+                raise _BodyTooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # -- delivery ----------------------------------------------------------------------
+
+    def subscribe(self, task_id: str) -> TaskSubscription:
+        """Start collecting the updates of one task.
+
+        If a callback for the task arrived before this call, its latest state is the
+        subscription's first update.
+        """
+        subscription = TaskSubscription(self, task_id)
+        self._subscriptions.setdefault(task_id, set()).add(subscription)
+        known = self._latest.get(task_id)
+        if known is not None:
+            subscription._put(known)
+        return subscription
+
+    def _unsubscribe(self, subscription: TaskSubscription) -> None:
+        subscriptions = self._subscriptions.get(subscription.task_id)
+        if subscriptions is not None:
+            subscriptions.discard(subscription)
+            if not subscriptions:
+                del self._subscriptions[subscription.task_id]
+
+    def latest(self, task_id: str) -> Task | None:
+        """The latest state a callback reported for a task, if one is remembered."""
+        return self._latest.get(task_id)
+
+    def _deliver(self, task: Task) -> None:
+        self._remember_task(task)
+        for subscription in tuple(self._subscriptions.get(task.task_id, ())):
+            subscription._put(task)
+
+    def _remember_id(self, message_id: str) -> None:
+        self._seen_ids[message_id] = None
+        if len(self._seen_ids) > self.remember_ids:
+            self._seen_ids.popitem(last=False)
+
+    def _remember_task(self, task: Task) -> None:
+        known = self._latest.get(task.task_id)
+        if known is not None and not _is_newer(task, known):
+            self._latest.move_to_end(task.task_id)
+            return
+        self._latest[task.task_id] = task
+        self._latest.move_to_end(task.task_id)
+        if len(self._latest) > self.remember_ids:
+            self._latest.popitem(last=False)
+
+
+def _parse_callback(body: bytes) -> Task:
+    """A `Task` from a callback body in either format (legacy task object, or newer).
+
+    Raises:
+        ResponseFormatError: not JSON, not an object, or not a task (the path is named).
+    """
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ResponseFormatError("callback body is not JSON", path="body") from None
+    if not isinstance(data, dict):
+        raise ResponseFormatError(
+            f"callback body is not a task (expected an object, got {type(data).__name__})",
+            path="body",
+        )
+    if "task_id" not in data and "id" in data and "status" in data:
+        data = _legacy_from_new(data)
+    elif "task_id" not in data:
+        raise ResponseFormatError(
+            "callback body is not a task (no task_id, and no id and status)", path="body"
+        )
+    return parse_task(data, root="body")
+
+
+def _legacy_from_new(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The newer callback format (``id``, ``status``, ``outputs``...) in the legacy shape."""
+    status = data["status"]
+    legacy: dict[str, Any] = {
+        "task_id": data["id"],
+        "task_status": _NEW_STATUSES.get(status, status) if isinstance(status, str) else status,
+    }
+    renames = {
+        "message": "task_status_msg",
+        "create_time": "created_at",
+        "update_time": "updated_at",
+    }
+    legacy.update((new, data[old]) for old, new in renames.items() if data.get(old) is not None)
+    if data.get("external_id") is not None:
+        legacy["task_info"] = {"external_task_id": data["external_id"]}
+    outputs = data.get("outputs")
+    if outputs is not None:
+        if not isinstance(outputs, list):
+            raise ResponseFormatError(
+                f"unexpected callback (expected a list, got {type(outputs).__name__})",
+                path="body.outputs",
+            )
+        videos = [
+            {key: output[key] for key in ("id", "url", "duration") if key in output}
+            if isinstance(output, dict)
+            else output  # not an object: parse_task names it
+            for output in outputs
+            if not isinstance(output, dict) or output.get("type", "video") == "video"
+        ]
+        legacy["task_result"] = {"videos": videos}
+    return legacy
+
+
+def _is_newer(task: Task, known: Task) -> bool:
+    # Callbacks can arrive out of order: a finished state is never replaced by an
+    # unfinished one, and an older `updated_at` never replaces a newer one.
+    if known.is_terminal and not task.is_terminal:
+        return False
+    if task.updated_at is not None and known.updated_at is not None:
+        return task.updated_at >= known.updated_at
+    return True
+
+
+def _answer(
+    status: int, error: str | None, *, duplicate: bool = False, close: bool = False
+) -> web.Response:
+    document: dict[str, Any] = {"ok": error is None}
+    if error is not None:
+        document["error"] = error
+    if duplicate:
+        document["duplicate"] = True
+    response = web.Response(
+        body=orjson.dumps(document), status=status, content_type="application/json"
+    )
+    if close:
+        response.force_close()  # the rest of an unread body must not poison keep-alive
+    return response
+
+
+def _make_webhook(secret: str | None) -> Webhook | None:
+    source = "secret"
+    if secret is None:
+        secret = os.environ.get(SECRET_ENV) or None
+        source = SECRET_ENV
+        if secret is None:
+            return None
+    if not _is_text(secret):
+        raise ConfigurationError(
+            f"{source} must be a non-empty webhook secret (whsec_...); pass secret=None "
+            f"and leave {SECRET_ENV} unset to accept unsigned callbacks"
+        )
+    try:
+        return Webhook(secret)
+    except Exception:  # the library raises several kinds; none may echo the secret
+        raise ConfigurationError(
+            f"{source} is not a valid webhook secret (expected whsec_ followed by base64); "
+            f"check secret= or {SECRET_ENV}"
+        ) from None
+
+
+def _is_text(value: object) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_http_url(value: object) -> bool:
+    if not isinstance(value, str) or any(ch.isspace() for ch in value):
+        return False
+    try:
+        parts = urllib.parse.urlsplit(value)
+        host = parts.hostname
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(host)

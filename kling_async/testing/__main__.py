@@ -1,0 +1,84 @@
+"""Serve the simulator in the foreground: `python -m kling_async.testing --port 8765`.
+
+Prints `KLING_BASE_URL=...`, `KLING_API_KEY=...` and `KLING_FILES_URL=...` (one line
+each, flushed) once listening, then serves until Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Sequence
+
+from ._simulator import Simulator
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m kling_async.testing",
+        description="Serve a simulator of Kling's video-extend API.",
+    )
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    add("--port", type=int, default=8765, help="API port, 0 for any (default 8765)")
+    add("--files-port", type=int, default=0, help="result files port (default: any)")
+    add("--prefix", default="", help="path prefix of the base URL, e.g. /kling")
+    add("--api-key", default="sim-api-key", help="accepted bearer key")
+    add("--access-key", default="sim-access-key", help="accepted JWT issuer")
+    add("--secret-key", default="sim-secret-key", help="JWT HS256 secret")
+    add("--submit-time", type=float, default=0.5, help="seconds in 'submitted'")
+    add("--processing-time", type=float, default=3.0, help="seconds in 'processing'")
+    add("--failure-rate", type=float, default=0.0, help="fraction of tasks that fail")
+    add("--running-limit", type=int, default=None, help="max running tasks (429/1303)")
+    add("--credit", type=int, default=None, help="tasks the account may create (429/1102)")
+    add("--seed", type=int, default=None, help="random seed")
+    add("--webhook-secret", default=None, help="whsec_... secret to sign callbacks")
+    add("--file-size", type=int, default=256 * 1024, help="bytes per result file")
+    return parser
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signum, stop.set)
+    simulator = Simulator(
+        api_key=args.api_key,
+        access_key=args.access_key,
+        secret_key=args.secret_key,
+        prefix=args.prefix,
+        submit_time=args.submit_time,
+        processing_time=args.processing_time,
+        failure_rate=args.failure_rate,
+        running_limit=args.running_limit,
+        credit=args.credit,
+        seed=args.seed,
+        webhook_secret=args.webhook_secret,
+        host=args.host,
+        port=args.port,
+        file_size=args.file_size,
+        files_port=args.files_port,
+    )
+    async with simulator:
+        print(f"KLING_BASE_URL={simulator.base_url}", flush=True)
+        print(f"KLING_API_KEY={simulator.api_key or ''}", flush=True)
+        print(f"KLING_FILES_URL={simulator.files_base_url}", flush=True)
+        await stop.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv`, serve until interrupted, and return the exit status."""
+    args = _parser().parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,722 @@
+"""The ``kling-async`` command line, run with click's `CliRunner` against the simulator."""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+from rich.console import Console
+
+from kling_async import _cli_progress
+from kling_async._cli_app import cli
+from kling_async._cli_runtime import expand_bare_simulate
+from kling_async.testing import Simulator
+
+pytest_plugins = ["kling_async.testing.pytest_plugin"]
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+#: The key the simulator accepts in these tests: no output may ever show it.
+SECRET = f"sk-test-{uuid.uuid4().hex}"
+FAST = ("--poll-interval", "0.02")
+VIDEO = "828006748715380777"
+CREDENTIALS = ("KLING_API_KEY", "KLING_ACCESS_KEY", "KLING_SECRET_KEY")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def simulator(**options: Any) -> pytest.MarkDecorator:
+    """The `kling_simulator` marker: fast tasks and the secret key, plus `options`."""
+    settings: dict[str, Any] = {"api_key": SECRET, "submit_time": 0.02, "processing_time": 0.1}
+    marker: pytest.MarkDecorator = pytest.mark.kling_simulator(**{**settings, **options})
+    return marker
+
+
+pytestmark = simulator()
+
+Invoke = Callable[..., Result]
+
+
+def _runner() -> CliRunner:
+    # click 8.1 mixes stderr into stdout unless told not to; 8.2 dropped the argument.
+    if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters:
+        old_style: dict[str, Any] = {"mix_stderr": False}
+        return CliRunner(**old_style)  # pragma: no cover - click < 8.2
+    return CliRunner()
+
+
+@pytest.fixture
+def invoke() -> Iterator[Invoke]:
+    """Run the CLI in-process; every run's stdout and stderr are checked for the key."""
+    runner = _runner()
+    results: list[Result] = []
+
+    def run(*args: str | os.PathLike[str], input: str | None = None) -> Result:
+        result = runner.invoke(cli, [os.fspath(a) for a in args], input=input)
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        results.append(result)
+        return result
+
+    yield run
+    for result in results:
+        assert SECRET not in result.stdout
+        assert SECRET not in result.stderr
+
+
+@pytest.fixture
+def no_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Kling settings in the environment at all."""
+    for name in (*CREDENTIALS, "KLING_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def by_row(text: str) -> dict[int, dict[str, Any]]:
+    results = lines(text)
+    rows = {result["row"]: result for result in results}
+    assert len(rows) == len(results), "one line per row"
+    return rows
+
+
+def check_sample_results(rows: dict[int, dict[str, Any]]) -> None:
+    """The shipped samples: 8 rows, row 5 bad (cfg_scale 1.5), the rest succeeded."""
+    assert sorted(rows) == list(range(1, 9))
+    bad = rows.pop(5)
+    assert bad["ok"] is False
+    assert bad["task"] is None
+    assert bad["error"]["field"] == "cfg_scale"
+    assert bad["error"]["message"] == "row 5: cfg_scale: must be a number from 0 to 1 (got float)"
+    for result in rows.values():
+        assert result["ok"] is True, result
+        assert result["error"] is None
+        assert result["task"]["task_status"] == "succeed"
+        assert result["task"]["task_result"]["videos"][0]["url"]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# -- the command group ---------------------------------------------------------------------
+
+
+def test_help_lists_every_command(invoke: Invoke) -> None:
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("extend", "status", "wait", "list", "batch", "download", "simulate"):
+        assert f"  {command} " in result.stdout
+        assert invoke(command, "--help").exit_code == 0
+    assert "Examples:" in result.stdout
+
+
+def test_version(invoke: Invoke) -> None:
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert result.stdout.startswith("kling-async, version ")
+
+
+def test_python_m_kling_async_runs_the_cli() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "kling_async", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Usage: python -m kling_async" in done.stdout
+    assert "batch" in done.stdout
+
+
+def test_bare_simulate_never_swallows_the_next_argument() -> None:
+    assert expand_bare_simulate(["batch", "--simulate", "in.csv"]) == [
+        "batch",
+        "--simulate=always",
+        "in.csv",
+    ]
+    assert expand_bare_simulate(["--simulate", "auto", "x"]) == ["--simulate", "auto", "x"]
+    assert expand_bare_simulate(["x", "--simulate"]) == ["x", "--simulate=always"]
+    assert expand_bare_simulate(["--", "--simulate"]) == ["--", "--simulate"]
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("extend", VIDEO, "a prompt"),
+        ("status", "123"),
+        ("wait", "123"),
+        ("list",),
+        ("download", "123", "out.mp4"),
+        ("batch", str(EXAMPLES / "batch.jsonl")),
+    ],
+    ids=lambda command: command[0],
+)
+def test_missing_credentials_exit_2_naming_the_variables(
+    invoke: Invoke, no_env: None, command: tuple[str, ...]
+) -> None:
+    result = invoke(*command, "--simulate=never")
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    message = result.stderr.strip()
+    assert "\n" not in message
+    assert "Traceback" not in message
+    for name in CREDENTIALS:
+        assert name in message
+
+
+def test_a_wrong_key_is_a_configuration_error_and_never_printed(
+    invoke: Invoke, kling_env: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wrong = f"sk-wrong-{uuid.uuid4().hex}"
+    monkeypatch.setenv("KLING_API_KEY", wrong)
+    result = invoke("status", "123")
+    assert result.exit_code == 2
+    assert "KLING_API_KEY" in result.stderr
+    assert wrong not in result.stdout + result.stderr
+
+
+def test_base_url_and_simulate_do_not_mix(invoke: Invoke) -> None:
+    result = invoke("list", "--simulate", "--base-url", "https://example.com")
+    assert result.exit_code == 2
+    assert "--base-url" in result.stderr
+
+
+def test_simulate_auto_uses_the_api_when_credentials_are_set(
+    invoke: Invoke, kling_env: Simulator
+) -> None:
+    result = invoke("extend", VIDEO, "the tide rises", "--simulate=auto", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert "credentials found" in result.stderr
+    assert kling_env.base_url in result.stderr
+    assert kling_env.counters.tasks_created == 1
+
+
+def test_simulate_auto_without_credentials_uses_the_simulator(invoke: Invoke, no_env: None) -> None:
+    result = invoke("list", "--simulate=auto", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert "built-in simulator" in result.stderr
+    assert result.stdout == ""
+
+
+def test_bare_simulate_runs_a_batch_with_no_environment(
+    invoke: Invoke, no_env: None, tmp_path: Path
+) -> None:
+    result = invoke(
+        "batch",
+        "--simulate",
+        EXAMPLES / "batch.jsonl",
+        "--download",
+        tmp_path,
+        "--poll-interval",
+        "0.1",
+    )
+    assert result.exit_code == 1, result.stderr
+    assert "built-in simulator" in result.stderr
+    rows = by_row(result.stdout)
+    check_sample_results(rows)
+    assert all(Path(r["file"]).is_file() for r in rows.values())
+
+
+# -- single-task commands --------------------------------------------------------------------
+
+
+def test_extend_json(invoke: Invoke, kling_env: Simulator) -> None:
+    result = invoke(
+        "extend",
+        VIDEO,
+        "延长动画效果",
+        "--cfg-scale",
+        "0.5",
+        "--negative-prompt",
+        "blur",
+        "--external-task-id",
+        "my-id-1",
+        "--no-watermark",
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    (task,) = lines(result.stdout)
+    assert task["task_status"] == "submitted"
+    assert task["task_info"]["external_task_id"] == "my-id-1"
+    sent = kling_env.tasks[task["task_id"]].request
+    assert sent["prompt"] == "延长动画效果"
+    assert sent["cfg_scale"] == 0.5
+    assert sent["negative_prompt"] == "blur"
+    assert sent["watermark_info"] == {"enabled": False}
+    assert kling_env.counters.tasks_created == 1
+
+
+def test_extend_text_says_how_to_wait(invoke: Invoke, kling_env: Simulator) -> None:
+    result = invoke("extend", VIDEO, "the tide rises")
+    assert result.exit_code == 0, result.stderr
+    (task_id,) = kling_env.tasks
+    assert f"task {task_id}: submitted" in result.stdout
+    assert f"kling-async wait {task_id}" in result.stderr
+
+
+def test_extend_wait_prints_the_finished_task(invoke: Invoke, kling_env: Simulator) -> None:
+    result = invoke("extend", VIDEO, "the tide rises", "--wait", "--json", *FAST)
+    assert result.exit_code == 0, result.stderr
+    (task,) = lines(result.stdout)
+    assert task["task_status"] == "succeed"
+    assert "succeed" in result.stderr  # status changes, as plain lines off a terminal
+
+
+def test_extend_rejects_a_bad_cfg_scale_without_sending(
+    invoke: Invoke, kling_env: Simulator
+) -> None:
+    result = invoke("extend", VIDEO, "the tide rises", "--cfg-scale", "1.5")
+    assert result.exit_code == 2
+    assert "--cfg-scale" in result.stderr
+    bad_id = invoke("extend", "has space", "the tide rises")
+    assert bad_id.exit_code == 2
+    assert "video_id" in bad_id.stderr
+    assert kling_env.counters.creates == 0
+
+
+@simulator(failure_rate=1.0)
+def test_extend_wait_exits_1_when_the_task_fails(invoke: Invoke, kling_env: Simulator) -> None:
+    result = invoke("extend", VIDEO, "the tide rises", "--wait", "--json", *FAST)
+    assert result.exit_code == 1
+    (task,) = lines(result.stdout)
+    assert task["task_status"] == "failed"
+    assert "failed" in result.stderr
+
+
+def created(invoke: Invoke, *, wait: bool = True, external: str | None = None) -> dict[str, Any]:
+    args = ["extend", VIDEO, "the tide rises", "--json", *FAST]
+    if wait:
+        args.append("--wait")
+    if external is not None:
+        args += ["--external-task-id", external]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.stderr
+    (task,) = lines(result.stdout)
+    return task
+
+
+def test_status(invoke: Invoke, kling_env: Simulator) -> None:
+    task = created(invoke, external="order-42")
+    by_id = invoke("status", task["task_id"], "--json")
+    assert by_id.exit_code == 0, by_id.stderr
+    assert lines(by_id.stdout)[0]["task_id"] == task["task_id"]
+    by_external = invoke("status", "order-42", "--external", "--json")
+    assert lines(by_external.stdout)[0]["task_id"] == task["task_id"]
+    text = invoke("status", task["task_id"])
+    assert text.exit_code == 0
+    video = task["task_result"]["videos"][0]
+    assert f"task {task['task_id']}: succeed" in text.stdout
+    assert video["url"] in text.stdout
+    assert "external_task_id: order-42" in text.stdout
+
+
+def test_status_of_an_unknown_task_exits_1(invoke: Invoke, kling_env: Simulator) -> None:
+    result = invoke("status", "999999999999999999")
+    assert result.exit_code == 1
+    assert "999999999999999999" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_wait(invoke: Invoke, kling_env: Simulator) -> None:
+    task = created(invoke, wait=False)
+    result = invoke("wait", task["task_id"], "--json", *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert lines(result.stdout)[0]["task_status"] == "succeed"
+    text = invoke("wait", task["task_id"], *FAST)
+    assert f"task {task['task_id']}: succeed" in text.stdout
+
+
+@simulator(processing_time=30)
+def test_wait_timeout_exits_1(invoke: Invoke, kling_env: Simulator) -> None:
+    task = created(invoke, wait=False)
+    result = invoke("wait", task["task_id"], "--timeout", "0.1", "--json", *FAST)
+    assert result.exit_code == 1
+    assert lines(result.stdout)[0]["task_id"] == task["task_id"]
+    assert "after 0.1 s" in result.stderr
+
+
+def test_list(invoke: Invoke, kling_env: Simulator) -> None:
+    ids = {created(invoke, wait=False)["task_id"] for _ in range(3)}
+    page = invoke("list", "--json", "--page-size", "2")
+    assert page.exit_code == 0, page.stderr
+    assert len(lines(page.stdout)) == 2
+    every = invoke("list", "--all", "--json", "--page-size", "2")
+    assert {task["task_id"] for task in lines(every.stdout)} == ids
+    table = invoke("list", "--all", "--page-size", "2")
+    assert table.exit_code == 0
+    assert all(task_id in table.stdout for task_id in ids)
+    second_page = invoke("list", "--page", "2", "--page-size", "2")
+    assert sum(task_id in second_page.stdout for task_id in ids) == 1
+
+
+def test_list_of_no_tasks(invoke: Invoke, kling_env: Simulator) -> None:
+    result = invoke("list")
+    assert result.exit_code == 0
+    assert result.stdout == ""
+    assert "no tasks" in result.stderr
+
+
+def test_download(invoke: Invoke, kling_env: Simulator, tmp_path: Path) -> None:
+    task = created(invoke)
+    video = task["task_result"]["videos"][0]
+    result = invoke("download", task["task_id"], tmp_path)
+    assert result.exit_code == 0, result.stderr
+    path = Path(result.stdout.strip())
+    assert path == tmp_path / f"{video['id']}.mp4"
+    assert path.stat().st_size == kling_env.file_size
+    again = invoke("download", task["task_id"], tmp_path)
+    assert again.exit_code == 2
+    assert "--overwrite" in again.stderr
+    assert invoke("download", task["task_id"], tmp_path, "--overwrite").exit_code == 0
+    named = invoke("download", task["task_id"], tmp_path / "mine.mp4")
+    assert named.stdout.strip() == str(tmp_path / "mine.mp4")
+
+
+@simulator(processing_time=30)
+def test_download_of_an_unfinished_task_exits_1(
+    invoke: Invoke, kling_env: Simulator, tmp_path: Path
+) -> None:
+    task = created(invoke, wait=False)
+    result = invoke("download", task["task_id"], tmp_path)
+    assert result.exit_code == 1
+    assert "kling-async wait" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- batch -----------------------------------------------------------------------------------
+
+
+def test_batch_jsonl_with_a_bad_row(invoke: Invoke, kling_env: Simulator) -> None:
+    result = invoke("batch", EXAMPLES / "batch.jsonl", *FAST)
+    assert result.exit_code == 1, result.stderr
+    check_sample_results(by_row(result.stdout))
+    assert kling_env.counters.tasks_created == 7
+    assert not kling_env.counters.duplicate_external_ids
+    assert "row 5: failed: cfg_scale" in result.stderr
+    assert "7 ok, 1 failed" in result.stderr
+
+
+def test_batch_csv_with_a_bad_row(invoke: Invoke, kling_env: Simulator) -> None:
+    result = invoke("batch", EXAMPLES / "batch.csv", *FAST)
+    assert result.exit_code == 1, result.stderr
+    rows = by_row(result.stdout)
+    assert rows[5]["error"]["message"] == (
+        "row 5: cfg_scale: must be a number from 0 to 1 (got float)"
+    )
+    check_sample_results(rows)
+    assert kling_env.counters.tasks_created == 7
+    sent = {task.parent_video.id: task.request for task in kling_env.tasks.values()}
+    first, dancer, chef = sent[VIDEO], sent["828006748715380780"], sent["828006748715380783"]
+    assert first["cfg_scale"] == 0.5
+    assert "negative_prompt" not in first  # an empty cell is "not given"
+    assert "watermark_info" not in first
+    assert dancer["watermark_info"] == {"enabled": False}
+    assert chef["watermark_info"] == {"enabled": True}
+    assert rows[3]["task"]["task_info"]["external_task_id"] == "cat-and-butterfly-001"
+
+
+def test_batch_csv_bad_cells_name_row_and_field(
+    invoke: Invoke, kling_env: Simulator, tmp_path: Path
+) -> None:
+    source = write(
+        tmp_path / "in.csv",
+        "video_id,prompt,cfg_scale,watermark,cfg_scal\n"
+        "v1,ok,0.5,yes,\n"
+        "v2,bad number,high,,\n"
+        "v3,bad flag,,maybe,\n"
+        "v4,typo,,,0.5\n"
+        ",no video,,,\n"
+        "v6,too many cells,,,,extra\n"
+        "\n"
+        "v8,fine,1,0,\n",
+    )
+    result = invoke("batch", source, *FAST)
+    assert result.exit_code == 1
+    rows = by_row(result.stdout)
+    assert rows[1]["ok"] is True
+    assert rows[8]["ok"] is True
+    expected = {
+        2: ("cfg_scale", "row 2: cfg_scale: must be a number from 0 to 1 (got str)"),
+        3: ("watermark", "row 3: watermark: must be true/false, 1/0 or yes/no (got str)"),
+        4: ("cfg_scal", "row 4: cfg_scal: unknown field"),
+        5: ("video_id", "row 5: video_id: is required"),
+        6: (None, "row 6: has 6 cells but the header names 5 columns"),
+    }
+    for row, (field, message) in expected.items():
+        error = rows[row]["error"]
+        assert error["field"] == field
+        assert error["message"].startswith(message)
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6, 8]  # row 7 is blank
+    assert kling_env.counters.tasks_created == 2
+
+
+def test_batch_jsonl_bad_lines_do_not_stop_the_batch(
+    invoke: Invoke, kling_env: Simulator, tmp_path: Path
+) -> None:
+    source = write(
+        tmp_path / "in.jsonl",
+        '{"video_id": "v1", "prompt": "one"}\n'
+        "{not json\n"
+        "[1, 2]\n"
+        '{"video_id": "v4", "prompt": "four", "cfg_scale": "0.5"}\n'
+        '{"video_id": "v5", "prompt": "five", "negative_prompt": null, "Prompt": "x"}\n'
+        '{"video_id": "v6", "prompt": "six", "watermark": true}\n',
+    )
+    result = invoke("batch", source, *FAST)
+    assert result.exit_code == 1
+    rows = by_row(result.stdout)
+    assert rows[2]["error"]["message"].startswith("row 2: not valid JSON")
+    assert rows[3]["error"]["message"] == "row 3: must be a JSON object, got an array"
+    assert rows[4]["error"]["field"] == "cfg_scale"
+    assert rows[5]["error"]["field"] == "Prompt"
+    assert [rows[n]["ok"] for n in (1, 6)] == [True, True]
+    assert kling_env.counters.tasks_created == 2
+
+
+def test_batch_download(invoke: Invoke, kling_env: Simulator, tmp_path: Path) -> None:
+    target = tmp_path / "videos" / "new"  # created when missing
+    result = invoke("batch", EXAMPLES / "batch.jsonl", "--download", target, *FAST)
+    assert result.exit_code == 1, result.stderr
+    rows = by_row(result.stdout)
+    assert rows[5]["file"] is None
+    files = {Path(r["file"]) for n, r in rows.items() if n != 5}
+    assert len(files) == 7
+    for result_line in (r for n, r in rows.items() if n != 5):
+        path = Path(result_line["file"])
+        assert path.parent == target.resolve()
+        assert path.name == result_line["task"]["task_result"]["videos"][0]["id"] + ".mp4"
+        assert path.stat().st_size == kling_env.file_size
+    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in files)
+
+
+def test_batch_journal_resume_creates_no_new_tasks(
+    invoke: Invoke, kling_env: Simulator, tmp_path: Path
+) -> None:
+    journal = tmp_path / "batch.journal"
+    download = tmp_path / "videos"
+    args = ("batch", EXAMPLES / "batch.jsonl", "--journal", journal, "--download", download)
+    first = invoke(*args, *FAST)
+    assert first.exit_code == 1, first.stderr
+    assert kling_env.counters.tasks_created == 7
+    again = invoke(*args, *FAST)
+    assert again.exit_code == 1, again.stderr
+    assert kling_env.counters.tasks_created == 7
+    before, after = by_row(first.stdout), by_row(again.stdout)
+    assert {n: r["task"] and r["task"]["task_id"] for n, r in after.items()} == {
+        n: r["task"] and r["task"]["task_id"] for n, r in before.items()
+    }
+    assert {n: r["file"] for n, r in after.items()} == {n: r["file"] for n, r in before.items()}
+    check_sample_results(after)
+
+
+def test_batch_journal_of_another_input_is_a_usage_error(
+    invoke: Invoke, kling_env: Simulator, tmp_path: Path
+) -> None:
+    journal = tmp_path / "batch.journal"
+    assert invoke("batch", EXAMPLES / "batch.jsonl", "--journal", journal, *FAST).exit_code == 1
+    other = write(tmp_path / "other.jsonl", '{"video_id": "v9", "prompt": "another"}\n')
+    result = invoke("batch", other, "--journal", journal, *FAST)
+    assert result.exit_code == 2
+    assert "journal" in result.stderr
+
+
+def test_batch_from_stdin_to_a_file(invoke: Invoke, kling_env: Simulator, tmp_path: Path) -> None:
+    out = tmp_path / "results.jsonl"
+    text = (EXAMPLES / "batch.csv").read_text(encoding="utf-8")
+    result = invoke("batch", "-", "--format", "csv", "--out", out, *FAST, input=text)
+    assert result.exit_code == 1, result.stderr
+    assert result.stdout == ""
+    check_sample_results(by_row(out.read_text(encoding="utf-8")))
+    jsonl = (EXAMPLES / "batch.jsonl").read_text(encoding="utf-8")
+    piped = invoke("batch", "-", *FAST, input=jsonl)  # stdin defaults to JSONL
+    check_sample_results(by_row(piped.stdout))
+
+
+def test_batch_no_wait(invoke: Invoke, kling_env: Simulator, tmp_path: Path) -> None:
+    source = write(
+        tmp_path / "in.jsonl",
+        "".join(f'{{"video_id": "v{n}", "prompt": "p{n}"}}\n' for n in range(4)),
+    )
+    result = invoke("batch", source, "--no-wait", "--concurrency", "2")
+    assert result.exit_code == 0, result.stderr
+    rows = by_row(result.stdout)
+    assert {r["task"]["task_status"] for r in rows.values()} == {"submitted"}
+    assert kling_env.counters.tasks_created == 4
+
+
+@simulator(processing_time=30)
+def test_batch_timeout_reports_every_row(
+    invoke: Invoke, kling_env: Simulator, tmp_path: Path
+) -> None:
+    source = write(
+        tmp_path / "in.jsonl",
+        "".join(f'{{"video_id": "v{n}", "prompt": "p{n}"}}\n' for n in range(1, 6))
+        + '{"video_id": "v6", "prompt": "p6", "cfg_scale": 2}\n',
+    )
+    result = invoke("batch", source, "--timeout", "0.5", "--concurrency", "2", *FAST)
+    assert result.exit_code == 1
+    rows = by_row(result.stdout)
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    assert rows[6]["error"]["field"] == "cfg_scale"
+    timed_out = [rows[n]["error"] for n in range(1, 6)]
+    assert {e["type"] for e in timed_out} == {"WaitTimeoutError"}
+    assert all("--timeout (0.5 s)" in e["message"] for e in timed_out)
+    assert sum("not started" in e["message"] for e in timed_out) == 3
+    assert kling_env.counters.tasks_created == 2
+
+
+@simulator(credit=3)
+def test_batch_without_credit_reports_the_service_error(
+    invoke: Invoke, kling_env: Simulator
+) -> None:
+    result = invoke("batch", EXAMPLES / "batch.jsonl", "--concurrency", "1", *FAST)
+    assert result.exit_code == 1
+    rows = by_row(result.stdout)
+    assert sum(r["ok"] for r in rows.values()) == 3
+    refused = [r["error"] for r in rows.values() if r["task"] is None and r["row"] != 5]
+    assert len(refused) == 4
+    for error in refused:
+        assert error["type"] == "InsufficientBalanceError"
+        assert (error["status"], error["code"]) == (429, 1102)
+    assert kling_env.counters.tasks_created == 3
+
+
+def test_batch_download_failure_fails_the_row(
+    invoke: Invoke, kling_env: Simulator, tmp_path: Path
+) -> None:
+    source = write(tmp_path / "in.jsonl", '{"video_id": "v1", "prompt": "one"}\n')
+    journal = tmp_path / "journal"
+    first = invoke("batch", source, "--journal", journal, "--download", tmp_path / "a", *FAST)
+    (saved,) = (Path(r["file"]) for r in lines(first.stdout))
+    (tmp_path / "b" / saved.name).mkdir(parents=True)  # a directory where the file goes
+    result = invoke("batch", source, "--journal", journal, "--download", tmp_path / "b", *FAST)
+    assert result.exit_code == 1
+    (line,) = lines(result.stdout)
+    assert line["ok"] is False
+    assert line["task"]["task_status"] == "succeed"
+    assert line["error"]["message"].startswith("row 1: download failed: ")
+    assert line["file"] is None
+    assert kling_env.counters.tasks_created == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("batch", "rows.txt"), "--format"),
+        (("batch", "rows.jsonl", "--out", "rows.jsonl"), "--out"),
+        (("batch", "rows.jsonl", "--no-wait", "--download", "d"), "--no-wait"),
+        (("batch", "missing.jsonl"), "missing.jsonl"),
+    ],
+)
+def test_batch_usage_errors(
+    invoke: Invoke,
+    kling_env: Simulator,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    args: tuple[str, ...],
+    message: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "rows.txt", "")
+    write(tmp_path / "rows.jsonl", '{"video_id": "v1", "prompt": "p"}\n')
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert kling_env.counters.requests == 0
+
+
+def test_batch_csv_header_problems_exit_2(
+    invoke: Invoke, kling_env: Simulator, tmp_path: Path
+) -> None:
+    source = write(tmp_path / "in.csv", "video_id,prompt,prompt\nv1,a,b\n")
+    result = invoke("batch", source)
+    assert result.exit_code == 2
+    assert "prompt more than once" in result.stderr
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("video_id,prompt\nv1,caf\xe9\n".encode("latin-1"))
+    undecodable = invoke("batch", latin)
+    assert undecodable.exit_code == 2
+    assert "cannot read" in undecodable.stderr
+
+
+# -- live displays on a terminal ---------------------------------------------------------------
+
+
+@pytest.fixture
+def terminal(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
+    """Progress goes to a fake terminal, so the live displays run."""
+    screen = io.StringIO()
+
+    def console() -> Console:
+        return Console(file=screen, force_terminal=True, width=120, highlight=False)
+
+    monkeypatch.setattr(_cli_progress, "stderr_console", console)
+    return screen
+
+
+def test_live_displays_on_a_terminal(
+    invoke: Invoke, kling_env: Simulator, terminal: io.StringIO, tmp_path: Path
+) -> None:
+    result = invoke("batch", EXAMPLES / "batch.jsonl", "--download", tmp_path, *FAST)
+    assert result.exit_code == 1
+    check_sample_results(by_row(result.stdout))  # stdout untouched by the display
+    shown = ANSI.sub("", terminal.getvalue())
+    assert "8/8" in shown
+    assert "7 ok" in shown
+    assert "row 5: failed: cfg_scale" in shown
+    assert "batch done: 7 ok, 1 failed" in shown
+    task = lines(result.stdout)[-1]["task"]
+    assert invoke("wait", task["task_id"], *FAST).exit_code == 0
+    assert invoke("download", task["task_id"], tmp_path / "copy.mp4").exit_code == 0
+    assert "succeed" in terminal.getvalue()
+
+
+# -- simulate ----------------------------------------------------------------------------------
+
+
+def test_simulate_serves_until_interrupted(invoke: Invoke, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = subprocess.Popen(
+        [sys.executable, "-m", "kling_async", "simulate", "--port", "0", "--processing-time", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        exported = dict(server.stdout.readline().strip().split("=", 1) for _ in range(2))
+        assert set(exported) == {"KLING_BASE_URL", "KLING_API_KEY"}
+        for name, value in exported.items():
+            monkeypatch.setenv(name, value)
+        for name in ("KLING_ACCESS_KEY", "KLING_SECRET_KEY"):
+            monkeypatch.delenv(name, raising=False)
+        result = invoke("extend", VIDEO, "the sun sets", "--wait", "--json", *FAST)
+        assert result.exit_code == 0, result.stderr
+        assert lines(result.stdout)[0]["task_status"] == "succeed"
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:  # pragma: no cover - only when the test fails
+            server.kill()
+            server.wait()
+        for stream in (server.stdout, server.stderr):
+            if stream is not None:
+                stream.close()

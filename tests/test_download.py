@@ -1,0 +1,286 @@
+"""Downloads against the simulator's files server: files, names, resume, errors, credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from kling_async import (
+    APIConnectionError,
+    APITimeoutError,
+    KlingClient,
+    NotFoundError,
+    ServerError,
+    Task,
+    TaskStatus,
+    ValidationError,
+    Video,
+)
+from kling_async._download import download, safe_file_name
+from kling_async.testing import Simulator
+from kling_async.testing._files import file_bytes
+
+FILE_SIZE = 300_000  # a few 64 KiB chunks
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator(submit_time=0, processing_time=0, file_size=FILE_SIZE) as sim:
+        yield sim
+
+
+@pytest.fixture
+async def kling(sim: Simulator) -> AsyncIterator[KlingClient]:
+    async with KlingClient(api_key="sim-api-key", base_url=sim.base_url, max_retries=2) as kling:
+        yield kling
+
+
+@pytest.fixture
+async def done(kling: KlingClient) -> Task:
+    task = await kling.extend_video("743211632612511839", "go on")
+    return await kling.wait_for_task(task.task_id, timeout=5)
+
+
+def expected(task: Task) -> bytes:
+    return file_bytes(task.videos[0].id, FILE_SIZE)
+
+
+def file_requests(sim: Simulator) -> list[dict[str, str]]:
+    return [
+        {name.lower(): value for name, value in r.headers.items()}
+        for r in sim.recent_requests
+        if r.server == "files"
+    ]
+
+
+async def test_into_a_directory(
+    kling: KlingClient, sim: Simulator, done: Task, tmp_path: Path
+) -> None:
+    path = await download(kling._transport, done, tmp_path)
+    assert path == tmp_path / f"{done.videos[0].id}.mp4"
+    assert path.read_bytes() == expected(done)
+    assert os.listdir(tmp_path) == [path.name]  # no .part left behind
+    mode = stat.S_IMODE(path.stat().st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask  # as open() would make it, not the temp file's 0600
+
+
+async def test_to_a_file_path_and_a_video(
+    kling: KlingClient, sim: Simulator, done: Task, tmp_path: Path
+) -> None:
+    target = tmp_path / "mine.mp4"
+    path = await download(kling._transport, done.videos[0], str(target))
+    assert path == target
+    assert target.read_bytes() == expected(done)
+
+
+async def test_no_authorization_header_reaches_the_files_server(
+    kling: KlingClient, sim: Simulator, done: Task, tmp_path: Path
+) -> None:
+    await download(kling._transport, done, tmp_path)
+    seen = file_requests(sim)
+    assert seen
+    assert all("authorization" not in headers for headers in seen)
+    assert "sim-api-key" not in repr(seen)
+
+
+async def test_a_session_with_default_credentials_is_not_used_for_the_cdn(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": "Bearer sim-api-key"}) as session,
+        KlingClient(api_key="sim-api-key", base_url=sim.base_url, session=session) as kling,
+    ):
+        task = await kling.extend_video("743211632612511839", "go on")
+        done = await kling.wait_for_task(task.task_id, timeout=5)
+        await download(kling._transport, done, tmp_path)
+        assert not session.closed
+    assert all("authorization" not in headers for headers in file_requests(sim))
+
+
+async def test_progress_is_monotonic_and_ends_at_the_total(
+    kling: KlingClient, done: Task, tmp_path: Path
+) -> None:
+    sync_calls: list[tuple[int, int | None]] = []
+    await download(
+        kling._transport, done, tmp_path, on_progress=lambda n, t: sync_calls.append((n, t))
+    )
+    assert len(sync_calls) >= 2
+    assert [n for n, _ in sync_calls] == sorted(n for n, _ in sync_calls)
+    assert {t for _, t in sync_calls} == {FILE_SIZE}
+    assert sync_calls[-1] == (FILE_SIZE, FILE_SIZE)
+
+    async_calls: list[int] = []
+
+    async def record(n: int, total: int | None) -> None:
+        async_calls.append(n)
+
+    await download(kling._transport, done, tmp_path, overwrite=True, on_progress=record)
+    assert async_calls[-1] == FILE_SIZE
+
+
+async def test_overwrite(kling: KlingClient, done: Task, tmp_path: Path) -> None:
+    target = tmp_path / f"{done.videos[0].id}.mp4"
+    target.write_bytes(b"old")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        await download(kling._transport, done, tmp_path)
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == [target.name]
+    await download(kling._transport, done, tmp_path, overwrite=True)
+    assert target.read_bytes() == expected(done)
+
+
+async def test_a_cut_body_leaves_no_file(sim: Simulator, done: Task, tmp_path: Path) -> None:
+    async with KlingClient(api_key="sim-api-key", base_url=sim.base_url, max_retries=0) as kling:
+        sim.inject("short_body", on="files")
+        with pytest.raises(APIConnectionError) as caught:
+            await download(kling._transport, done, tmp_path)
+    assert os.listdir(tmp_path) == []
+    assert "GET http://" in str(caught.value)
+
+
+async def test_a_retry_resumes_with_a_range(
+    kling: KlingClient, sim: Simulator, done: Task, tmp_path: Path
+) -> None:
+    sim.inject("short_body", on="files")
+    progress: list[int] = []
+    path = await download(
+        kling._transport, done, tmp_path, on_progress=lambda n, t: progress.append(n)
+    )
+    assert path.read_bytes() == expected(done)
+    first, second = file_requests(sim)
+    assert "range" not in first
+    start = int(second["range"].removeprefix("bytes=").removesuffix("-"))
+    assert 0 < start < FILE_SIZE
+    assert progress == sorted(progress)  # resumed, not restarted
+    assert os.listdir(tmp_path) == [path.name]
+
+
+async def test_server_errors_are_retried(sim: Simulator, done: Task, tmp_path: Path) -> None:
+    async with KlingClient(api_key="sim-api-key", base_url=sim.base_url, max_retries=1) as kling:
+        sim.inject("503", on="files")
+        path = await download(kling._transport, done, tmp_path)
+        assert path.read_bytes() == expected(done)
+        sim.inject("500", on="files", times=2)
+        with pytest.raises(ServerError):
+            await download(kling._transport, done, tmp_path, overwrite=True)
+    assert os.listdir(tmp_path) == [path.name]
+    assert len(file_requests(sim)) == 4
+
+
+async def test_not_found(kling: KlingClient, sim: Simulator, tmp_path: Path) -> None:
+    gone = Video(id="123", url=sim.video_url("no-such-video"), duration=5.0)
+    with pytest.raises(NotFoundError) as caught:
+        await download(kling._transport, gone, tmp_path)
+    assert caught.value.status == 404
+    assert len(file_requests(sim)) == 1  # not retried
+    assert os.listdir(tmp_path) == []
+
+
+async def test_a_hostile_id_stays_inside_dest(
+    kling: KlingClient, sim: Simulator, done: Task, tmp_path: Path
+) -> None:
+    dest = tmp_path / "a" / "b"
+    dest.mkdir(parents=True)
+    hostile = Video(id="../../etc/x", url=done.videos[0].url, duration=5.0)
+    path = await download(kling._transport, hostile, dest)
+    assert path.parent == dest.resolve()
+    assert path.name == "_.._etc_x.mp4"
+    assert os.listdir(tmp_path) == ["a"]
+    assert os.listdir(tmp_path / "a") == ["b"]
+
+
+async def test_a_symlink_under_dest_cannot_redirect_the_write(
+    kling: KlingClient, done: Task, tmp_path: Path
+) -> None:
+    dest, elsewhere = tmp_path / "dest", tmp_path / "elsewhere"
+    dest.mkdir()
+    elsewhere.mkdir()
+    (dest / f"{done.videos[0].id}.mp4").symlink_to(elsewhere / "target.mp4")
+    with pytest.raises(ValidationError, match="outside dest"):
+        await download(kling._transport, done, dest, overwrite=True)
+    assert os.listdir(elsewhere) == []
+
+
+@pytest.mark.parametrize(
+    ("video_id", "name"),
+    [
+        ("828006748715380778", "828006748715380778"),
+        ("a b/c\\d", "a_b_c_d"),
+        ("...", "video"),
+        ("", "video"),
+        (".hidden", "hidden"),
+        ("vidéo", "vid_o"),
+        ("x" * 300, "x" * 200),
+    ],
+)
+def test_safe_file_name(video_id: str, name: str) -> None:
+    assert safe_file_name(video_id) == name
+
+
+async def test_cancelling_leaves_no_file(kling: KlingClient, done: Task, tmp_path: Path) -> None:
+    started = asyncio.Event()
+
+    async def stall(n: int, total: int | None) -> None:
+        if n:
+            started.set()
+            await asyncio.Event().wait()  # until cancelled
+
+    downloading = asyncio.ensure_future(
+        download(kling._transport, done, tmp_path, on_progress=stall)
+    )
+    await asyncio.wait_for(started.wait(), 5)
+    assert len(os.listdir(tmp_path)) == 1  # the .part file
+    downloading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await downloading
+    assert os.listdir(tmp_path) == []
+
+
+async def test_bad_arguments(kling: KlingClient, done: Task, tmp_path: Path) -> None:
+    transport = kling._transport
+    unfinished = Task(task_id="t1", status=TaskStatus.PROCESSING, raw_status="processing")
+    with pytest.raises(
+        ValidationError, match=r"task_or_video: task has no result video \(status processing\)"
+    ):
+        await download(transport, unfinished, tmp_path)
+    with pytest.raises(ValidationError, match="task_or_video"):
+        await download(transport, "828006748715380778", tmp_path)  # type: ignore[arg-type]
+    for url in ("file:///etc/passwd", "ftp://cdn/x.mp4", "not a url", "http://"):
+        with pytest.raises(ValidationError, match="http"):
+            await download(transport, Video(id="v", url=url, duration=1.0), tmp_path)
+    with pytest.raises(ValidationError, match="parent directory"):
+        await download(transport, done, tmp_path / "missing" / "x.mp4")
+    with pytest.raises(ValidationError, match="directory does not exist"):
+        await download(transport, done, f"{tmp_path / 'missing'}/")
+    with pytest.raises(ValidationError, match="dest"):
+        await download(transport, done, 42)  # type: ignore[arg-type]
+    assert os.listdir(tmp_path) == []
+
+
+async def test_connection_failures_become_our_errors(
+    sim: Simulator, done: Task, tmp_path: Path
+) -> None:
+    async with KlingClient(
+        api_key="sim-api-key", base_url=sim.base_url, max_retries=0, timeout=0.2
+    ) as kling:
+        sim.inject("slow", on="files", delay=2.0)
+        with pytest.raises(APITimeoutError):
+            await download(kling._transport, done, tmp_path)
+        # aiohttp itself re-sends once when a reused keep-alive connection drops.
+        sim.inject("drop_before", on="files", times=2)
+        with pytest.raises(APIConnectionError, match="connection failed"):
+            await download(kling._transport, done, tmp_path)
+        refused = Video(id="v", url="http://127.0.0.1:1/v.mp4", duration=1.0)
+        with pytest.raises(APIConnectionError, match="could not connect") as caught:
+            await download(kling._transport, refused, tmp_path)
+        assert caught.value.sent is False
+    assert os.listdir(tmp_path) == []
