@@ -9,10 +9,10 @@ async with KlingClient() as kling:
 ```
 """
 
-from __future__ import annotations
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
+from importlib.metadata import version as _version
 
-from importlib.metadata import PackageNotFoundError, version
-
+from kling_async._batch import BatchProgress
 from kling_async._client import KlingClient
 from kling_async._models import BatchResult, ExtendRequest, PollPolicy, Task, TaskStatus, Video
 from kling_async.errors import (
@@ -36,8 +36,8 @@ from kling_async.errors import (
 )
 
 try:
-    __version__ = version("kling-async")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = _version("kling-async")
+except _PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "APIStatusError",
     "APITimeoutError",
     "AuthenticationError",
+    "BatchProgress",
     "BatchResult",
     "ConfigurationError",
     "ContentPolicyError",

@@ -166,7 +166,7 @@ def test_bare_simulate_never_swallows_the_next_argument() -> None:
         ("wait", "123"),
         ("list",),
         ("download", "123", "out.mp4"),
-        ("batch", str(EXAMPLES / "batch.jsonl")),
+        ("batch", str(EXAMPLES / "with-bad-row.jsonl")),
     ],
     ids=lambda command: command[0],
 )
@@ -223,7 +223,7 @@ def test_bare_simulate_runs_a_batch_with_no_environment(
     result = invoke(
         "batch",
         "--simulate",
-        EXAMPLES / "batch.jsonl",
+        EXAMPLES / "with-bad-row.jsonl",
         "--download",
         tmp_path,
         "--poll-interval",
@@ -406,7 +406,7 @@ def test_download_of_an_unfinished_task_exits_1(
 
 
 def test_batch_jsonl_with_a_bad_row(invoke: Invoke, kling_env: Simulator) -> None:
-    result = invoke("batch", EXAMPLES / "batch.jsonl", *FAST)
+    result = invoke("batch", EXAMPLES / "with-bad-row.jsonl", *FAST)
     assert result.exit_code == 1, result.stderr
     check_sample_results(by_row(result.stdout))
     assert kling_env.counters.tasks_created == 7
@@ -416,7 +416,7 @@ def test_batch_jsonl_with_a_bad_row(invoke: Invoke, kling_env: Simulator) -> Non
 
 
 def test_batch_csv_with_a_bad_row(invoke: Invoke, kling_env: Simulator) -> None:
-    result = invoke("batch", EXAMPLES / "batch.csv", *FAST)
+    result = invoke("batch", EXAMPLES / "with-bad-row.csv", *FAST)
     assert result.exit_code == 1, result.stderr
     rows = by_row(result.stdout)
     assert rows[5]["error"]["message"] == (
@@ -494,7 +494,7 @@ def test_batch_jsonl_bad_lines_do_not_stop_the_batch(
 
 def test_batch_download(invoke: Invoke, kling_env: Simulator, tmp_path: Path) -> None:
     target = tmp_path / "videos" / "new"  # created when missing
-    result = invoke("batch", EXAMPLES / "batch.jsonl", "--download", target, *FAST)
+    result = invoke("batch", EXAMPLES / "with-bad-row.jsonl", "--download", target, *FAST)
     assert result.exit_code == 1, result.stderr
     rows = by_row(result.stdout)
     assert rows[5]["file"] is None
@@ -513,7 +513,7 @@ def test_batch_journal_resume_creates_no_new_tasks(
 ) -> None:
     journal = tmp_path / "batch.journal"
     download = tmp_path / "videos"
-    args = ("batch", EXAMPLES / "batch.jsonl", "--journal", journal, "--download", download)
+    args = ("batch", EXAMPLES / "with-bad-row.jsonl", "--journal", journal, "--download", download)
     first = invoke(*args, *FAST)
     assert first.exit_code == 1, first.stderr
     assert kling_env.counters.tasks_created == 7
@@ -532,7 +532,9 @@ def test_batch_journal_of_another_input_is_a_usage_error(
     invoke: Invoke, kling_env: Simulator, tmp_path: Path
 ) -> None:
     journal = tmp_path / "batch.journal"
-    assert invoke("batch", EXAMPLES / "batch.jsonl", "--journal", journal, *FAST).exit_code == 1
+    assert (
+        invoke("batch", EXAMPLES / "with-bad-row.jsonl", "--journal", journal, *FAST).exit_code == 1
+    )
     other = write(tmp_path / "other.jsonl", '{"video_id": "v9", "prompt": "another"}\n')
     result = invoke("batch", other, "--journal", journal, *FAST)
     assert result.exit_code == 2
@@ -541,12 +543,12 @@ def test_batch_journal_of_another_input_is_a_usage_error(
 
 def test_batch_from_stdin_to_a_file(invoke: Invoke, kling_env: Simulator, tmp_path: Path) -> None:
     out = tmp_path / "results.jsonl"
-    text = (EXAMPLES / "batch.csv").read_text(encoding="utf-8")
+    text = (EXAMPLES / "with-bad-row.csv").read_text(encoding="utf-8")
     result = invoke("batch", "-", "--format", "csv", "--out", out, *FAST, input=text)
     assert result.exit_code == 1, result.stderr
     assert result.stdout == ""
     check_sample_results(by_row(out.read_text(encoding="utf-8")))
-    jsonl = (EXAMPLES / "batch.jsonl").read_text(encoding="utf-8")
+    jsonl = (EXAMPLES / "with-bad-row.jsonl").read_text(encoding="utf-8")
     piped = invoke("batch", "-", *FAST, input=jsonl)  # stdin defaults to JSONL
     check_sample_results(by_row(piped.stdout))
 
@@ -588,7 +590,7 @@ def test_batch_timeout_reports_every_row(
 def test_batch_without_credit_reports_the_service_error(
     invoke: Invoke, kling_env: Simulator
 ) -> None:
-    result = invoke("batch", EXAMPLES / "batch.jsonl", "--concurrency", "1", *FAST)
+    result = invoke("batch", EXAMPLES / "with-bad-row.jsonl", "--concurrency", "1", *FAST)
     assert result.exit_code == 1
     rows = by_row(result.stdout)
     assert sum(r["ok"] for r in rows.values()) == 3
@@ -676,7 +678,7 @@ def terminal(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
 def test_live_displays_on_a_terminal(
     invoke: Invoke, kling_env: Simulator, terminal: io.StringIO, tmp_path: Path
 ) -> None:
-    result = invoke("batch", EXAMPLES / "batch.jsonl", "--download", tmp_path, *FAST)
+    result = invoke("batch", EXAMPLES / "with-bad-row.jsonl", "--download", tmp_path, *FAST)
     assert result.exit_code == 1
     check_sample_results(by_row(result.stdout))  # stdout untouched by the display
     shown = ANSI.sub("", terminal.getvalue())
@@ -720,3 +722,27 @@ def test_simulate_serves_until_interrupted(invoke: Invoke, monkeypatch: pytest.M
         for stream in (server.stdout, server.stderr):
             if stream is not None:
                 stream.close()
+
+
+# -- the README's main command --------------------------------------------------------------
+
+
+def test_readme_sample_batch_runs_against_the_built_in_simulator(
+    invoke: Invoke, no_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`kling-async batch examples/batch.jsonl --simulate=auto --download downloads/`."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    command = "kling-async batch examples/batch.jsonl --simulate=auto --download downloads/"
+    assert command in readme
+    monkeypatch.chdir(tmp_path)
+    result = invoke(
+        "batch", EXAMPLES / "batch.jsonl", "--simulate=auto", "--download", "downloads/"
+    )
+    assert result.exit_code == 0, result.stderr
+    rows = by_row(result.stdout)
+    assert sorted(rows) == list(range(1, 9))
+    assert all(row["ok"] for row in rows.values())
+    files = sorted((tmp_path / "downloads").iterdir())
+    assert len(files) == 8
+    assert all(Path(row["file"]).exists() for row in rows.values())
+    assert "built-in simulator" in result.stderr

@@ -74,7 +74,10 @@ async def batch() -> None:
     requests = (ExtendRequest(video_id=f"v{i}", prompt="p") for i in range(10))
     async with KlingClient() as kling:
         async for result in kling.extend_many(
-            requests, concurrency=4, journal="batch.sqlite", callbacks=receiver,
+            requests,
+            concurrency=4,
+            journal="batch.sqlite",
+            callbacks=receiver,
             on_progress=lambda p: print(p.succeeded, p.failed, p.concurrency),
         ):
             item: BatchResult = result
