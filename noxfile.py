@@ -54,6 +54,33 @@ def tests(session: nox.Session) -> None:
     )
 
 
+@nox.session(name="tests-python-backoff")
+def tests_python_backoff(session: nox.Session) -> None:
+    """The suite with python-backoff (backoff's maintained fork) in place of backoff.
+
+    Both install the same `backoff` module, so they must never be installed together:
+    the fork goes in first and the package follows without its dependencies.
+    """
+    session.install("python-backoff")
+    session.install("--no-deps", "-e", ".")
+    session.install(
+        "aiohttp",
+        "attrs",
+        "cattrs",
+        "orjson",
+        "PyJWT",
+        "standardwebhooks",
+        "pytest",
+        "pytest-asyncio",
+        "pytest-timeout",
+        "hypothesis",
+        "click",
+        "rich",
+    )
+    session.run("python", "-m", "pip", "show", "python-backoff")
+    session.run("pytest", *session.posargs, env=_NO_CREDENTIALS)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """Check style and formatting with ruff (``nox -s lint -- --fix`` fixes what it can)."""

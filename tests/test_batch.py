@@ -417,3 +417,25 @@ async def test_chain_failure_carries_the_steps_done() -> None:
             await kling.extend_chain(first[0].videos[0], ["b"])
         assert caught.value.steps == ()
         sim.failure_rate = 0.0
+
+
+async def test_batch_finishes_on_callbacks_without_polling() -> None:
+    from kling_async import PollPolicy
+    from kling_async.callbacks import CallbackReceiver
+
+    secret = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    receiver = CallbackReceiver(secret)
+    async with (
+        Simulator(submit_time=0.02, processing_time=0.05, webhook_secret=secret) as sim,
+        receiver.serve() as url,
+        KlingClient(api_key=sim.api_key, base_url=sim.base_url,
+                    poll=PollPolicy(initial=30.0, max_interval=60.0)) as kling,
+    ):
+        results = await collect(kling.extend_many(requests(12), concurrency=6,
+                                                  callbacks=receiver))
+        assert all(r.ok and r.task is not None and r.task.succeeded for r in results)
+        assert_one_task_per_input(sim, 12)
+        assert sim.counters.gets == 0  # every wait ended on its callback
+        assert sim.counters.callbacks_sent >= 12
+        posts = [r for r in sim.recent_requests if r.method == "POST"]
+        assert all(f'"callback_url":"{url}"'.encode() in r.body for r in posts)
