@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import urllib.parse
 from collections.abc import Iterable, Sequence
+
+_WHITESPACE = re.compile(r"\s")
 
 
 def is_int_in(value: object, minimum: int, maximum: int | None = None) -> bool:
@@ -33,3 +37,20 @@ def is_collection_of_items(value: object) -> bool:
 def is_nonempty_sequence(value: object) -> bool:
     """A non-empty list, tuple or other sequence that is not a string or bytes."""
     return isinstance(value, Sequence) and not isinstance(value, (str, bytes)) and len(value) > 0
+
+
+def has_whitespace(value: str) -> bool:
+    """Whether `value` has any whitespace character in it."""
+    return _WHITESPACE.search(value) is not None
+
+
+def is_http_url(value: object) -> bool:
+    """An absolute http(s) URL with a host and no whitespace."""
+    if not isinstance(value, str) or has_whitespace(value):
+        return False
+    try:
+        parts = urllib.parse.urlsplit(value)
+        host = parts.hostname
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(host)

@@ -29,7 +29,7 @@ from kling_async._cli_runtime import (
     run_with_client,
 )
 from kling_async._client import MAX_PAGE_SIZE, KlingClient
-from kling_async._models import ExtendRequest, Task
+from kling_async._models import Task
 from kling_async.errors import TaskFailedError, WaitTimeoutError
 
 _JSON_HELP = "Print the task as the service's JSON (one line) instead of text."
@@ -139,9 +139,9 @@ def extend(
     """
 
     async def body(kling: KlingClient) -> int:
-        request = ExtendRequest(
-            video_id=video_id,
-            prompt=prompt,
+        task = await kling.extend_video(
+            video_id,
+            prompt,
             negative_prompt=negative_prompt,
             cfg_scale=cfg_scale,
             callback_url=callback_url,
@@ -149,7 +149,6 @@ def extend(
             watermark=watermark,
             parent_task_id=parent_task_id,
         )
-        task = await kling.extend(request)
         if wait_:
             return await _wait(kling, task, timeout, as_json=as_json)
         print_task(task, as_json=as_json)

@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import enum
 import math
-import re
-import urllib.parse
 from datetime import datetime
 from typing import Any
 
 import attrs
 
 from kling_async import _protocol
+from kling_async._checks import has_whitespace, is_http_url
 from kling_async.errors import KlingError, ValidationError
 
 __all__ = ["BatchResult", "ExtendRequest", "PollPolicy", "Task", "TaskStatus", "Video"]
-
-_WHITESPACE = re.compile(r"\s")
 
 #: The longest prompt (and negative prompt) the service accepts, in characters.
 MAX_PROMPT_LENGTH = 2500
@@ -32,7 +29,7 @@ def _check_text(max_length: int | None, *, non_blank: bool) -> Any:
             return
         if not isinstance(value, str):
             raise ValidationError(attribute.name, "must be a string", value)
-        if non_blank and (not value or _WHITESPACE.search(value)):
+        if non_blank and (not value or has_whitespace(value)):
             raise ValidationError(attribute.name, "must be non-empty with no whitespace", value)
         if max_length is not None and len(value) > max_length:
             raise ValidationError(attribute.name, f"must be at most {max_length} characters", value)
@@ -50,18 +47,8 @@ def _check_cfg_scale(instance: object, attribute: attrs.Attribute[Any], value: o
 
 
 def _check_url(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is None:
-        return
-    rule = "must be an absolute http(s) URL"
-    if not isinstance(value, str) or _WHITESPACE.search(value):
-        raise ValidationError(attribute.name, rule, value)
-    try:
-        parts = urllib.parse.urlsplit(value)
-        host = parts.hostname
-    except ValueError:
-        raise ValidationError(attribute.name, rule, value) from None
-    if parts.scheme not in ("http", "https") or not host:
-        raise ValidationError(attribute.name, rule, value)
+    if value is not None and not is_http_url(value):
+        raise ValidationError(attribute.name, "must be an absolute http(s) URL", value)
 
 
 def _check_optional_bool(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:

@@ -29,7 +29,6 @@ import collections
 import contextlib
 import logging
 import os
-import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
@@ -38,6 +37,7 @@ import orjson
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
+from kling_async._checks import is_http_url, is_int_in, is_text
 from kling_async._converter import parse_task
 from kling_async._hooks import call_back
 from kling_async._models import Task
@@ -166,12 +166,12 @@ class CallbackReceiver:
         on_task: OnTask | None = None,
     ) -> None:
         self._webhook = _make_webhook(secret)
-        if url is not None and not _is_http_url(url):
+        if url is not None and not is_http_url(url):
             raise ConfigurationError("url must be an absolute http(s) URL")
-        if not _is_text(path) or not path.startswith("/"):
+        if not is_text(path) or not path.startswith("/"):
             raise ConfigurationError("path must be a string starting with '/'")
         for name, value in (("max_body_size", max_body_size), ("remember_ids", remember_ids)):
-            if not _is_count(value):
+            if not is_int_in(value, 1):
                 raise ConfigurationError(f"{name} must be an integer of at least 1")
         if on_task is not None and not callable(on_task):
             raise ConfigurationError("on_task must be callable")
@@ -443,7 +443,7 @@ def _make_webhook(secret: str | None) -> Webhook | None:
         source = SECRET_ENV
         if secret is None:
             return None
-    if not _is_text(secret):
+    if not is_text(secret):
         raise ConfigurationError(
             f"{source} must be a non-empty webhook secret (whsec_...); pass secret=None "
             f"and leave {SECRET_ENV} unset to accept unsigned callbacks"
@@ -455,22 +455,3 @@ def _make_webhook(secret: str | None) -> Webhook | None:
             f"{source} is not a valid webhook secret (expected whsec_ followed by base64); "
             f"check secret= or {SECRET_ENV}"
         ) from None
-
-
-def _is_text(value: object) -> bool:
-    return isinstance(value, str) and bool(value.strip())
-
-
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _is_http_url(value: object) -> bool:
-    if not isinstance(value, str) or any(ch.isspace() for ch in value):
-        return False
-    try:
-        parts = urllib.parse.urlsplit(value)
-        host = parts.hostname
-    except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and bool(host)
