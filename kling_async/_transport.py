@@ -10,6 +10,7 @@ method, the path and the exception's class only.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable, Generator, Mapping
@@ -32,6 +33,9 @@ from kling_async.errors import (
 T = TypeVar("T")
 
 logger = logging.getLogger("kling_async")
+
+#: Which try of a call is running (1 = the first), for log lines.
+_ATTEMPT: contextvars.ContextVar[int] = contextvars.ContextVar("kling_attempt", default=1)
 
 #: First retry waits up to this long (full jitter), doubling per attempt ...
 RETRY_BASE: Final = 0.5
@@ -166,37 +170,15 @@ class Transport:
             data = orjson.dumps(body)
             headers["Content-Type"] = "application/json"
         started = time.perf_counter()
-        async with self._semaphore:
-            try:
-                async with session.request(
-                    method,
-                    self.base_url + path,
-                    params=query,
-                    data=data,
-                    headers=headers,
-                    allow_redirects=False,
-                    **self._per_request,
-                ) as response:
-                    payload = await response.read()
-                    status = response.status
-                    response_headers = response.headers
-            except aiohttp.ConnectionTimeoutError:
-                raise APITimeoutError(
-                    "connect timed out", method=method, path=path, sent=False
-                ) from None
-            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-                raise APITimeoutError("timed out", method=method, path=path) from None
-            except aiohttp.ClientConnectorError as error:
-                raise APIConnectionError(
-                    f"could not connect ({type(error).__name__})",
-                    method=method,
-                    path=path,
-                    sent=False,
-                ) from None
-            except aiohttp.ClientError as error:
-                raise APIConnectionError(
-                    f"connection failed ({type(error).__name__})", method=method, path=path
-                ) from None
+        try:
+            async with self._semaphore:
+                status, response_headers, payload = await self._exchange(
+                    session, method, path, query, data, headers
+                )
+        except APIConnectionError as error:
+            if logger.isEnabledFor(logging.DEBUG):
+                self._log(method, path, type(error).__name__, None, None, started)
+            raise
         try:
             envelope = _protocol.decode_envelope(status, response_headers, payload)
         except KlingError as error:
@@ -214,23 +196,63 @@ class Transport:
             self._log(method, path, status, 0, envelope.request_id, started)
         return envelope
 
+    async def _exchange(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        path: str,
+        query: Mapping[str, str] | None,
+        data: bytes | None,
+        headers: dict[str, str],
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        """Send the request and read the whole answer, translating aiohttp's errors."""
+        try:
+            async with session.request(
+                method,
+                self.base_url + path,
+                params=query,
+                data=data,
+                headers=headers,
+                allow_redirects=False,
+                **self._per_request,
+            ) as response:
+                return response.status, response.headers, await response.read()
+        except aiohttp.ConnectionTimeoutError:
+            raise APITimeoutError(
+                "connect timed out", method=method, path=path, sent=False
+            ) from None
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            raise APITimeoutError("timed out", method=method, path=path) from None
+        except aiohttp.ClientConnectorError as error:
+            raise APIConnectionError(
+                f"could not connect ({type(error).__name__})", method=method, path=path, sent=False
+            ) from None
+        except aiohttp.ClientError as error:
+            raise APIConnectionError(
+                f"connection failed ({type(error).__name__})", method=method, path=path
+            ) from None
+
     @staticmethod
     def _log(
         method: str,
         path: str,
-        status: int,
+        status: int | str,
         code: int | None,
         request_id: str | None,
         started: float,
     ) -> None:
+        # Only the method and the path (ids, page numbers): never headers or the base
+        # URL, so neither a key nor anything a proxy put in the URL can reach a log.
         elapsed = time.perf_counter() - started
+        attempt = _ATTEMPT.get()
         logger.debug(
-            "%s %s -> %d code=%s request_id=%s in %.3f s",
+            "%s %s -> %s code=%s request_id=%s attempt=%d in %.3f s",
             method,
             path,
             status,
             code,
             request_id,
+            attempt,
             elapsed,
             extra={
                 "kling_method": method,
@@ -238,6 +260,7 @@ class Transport:
                 "kling_status": status,
                 "kling_code": code,
                 "kling_request_id": request_id,
+                "kling_attempt": attempt,
                 "kling_elapsed": elapsed,
             },
         )
@@ -262,12 +285,19 @@ class Transport:
                 raise
             first: KlingError | None = error
 
+        tries = 1
+
         async def replay() -> T:
-            nonlocal first
+            nonlocal first, tries
             if first is not None:
                 error, first = first, None
                 raise error
-            return await attempt()
+            tries += 1
+            token = _ATTEMPT.set(tries)  # for the log lines of this try
+            try:
+                return await attempt()
+            finally:
+                _ATTEMPT.reset(token)
 
         runner = self._runners.get(retry_if)
         if runner is None:

@@ -601,3 +601,20 @@ async def test_format_errors_inside_the_envelope_are_not_retried(
         assert len(seen) == 1
     finally:
         await runner.cleanup()
+
+
+async def test_debug_log_lines_carry_the_attempt(
+    sim: Simulator, debug_log: pytest.LogCaptureFixture
+) -> None:
+    sim.inject("503", on="get")
+    sim.inject("drop_before", on="get", times=2)  # aiohttp re-sends a GET once by itself
+    async with KlingClient(api_key=sim.api_key, base_url=sim.base_url) as kling:
+        task = await kling.extend(REQUEST)
+        await kling.get_task(task.task_id)
+    lines = [r for r in debug_log.records if getattr(r, "kling_method", None) == "GET"]
+    assert [(r.kling_status, r.kling_attempt) for r in lines] == [
+        (503, 1),
+        ("APIConnectionError", 2),
+        (200, 3),
+    ]
+    assert all(r.kling_path == f"/v1/videos/video-extend/{task.task_id}" for r in lines)
