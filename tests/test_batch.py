@@ -428,11 +428,13 @@ async def test_batch_finishes_on_callbacks_without_polling() -> None:
     async with (
         Simulator(submit_time=0.02, processing_time=0.05, webhook_secret=secret) as sim,
         receiver.serve() as url,
-        KlingClient(api_key=sim.api_key, base_url=sim.base_url,
-                    poll=PollPolicy(initial=30.0, max_interval=60.0)) as kling,
+        KlingClient(
+            api_key=sim.api_key,
+            base_url=sim.base_url,
+            poll=PollPolicy(initial=30.0, max_interval=60.0),
+        ) as kling,
     ):
-        results = await collect(kling.extend_many(requests(12), concurrency=6,
-                                                  callbacks=receiver))
+        results = await collect(kling.extend_many(requests(12), concurrency=6, callbacks=receiver))
         assert all(r.ok and r.task is not None and r.task.succeeded for r in results)
         assert_one_task_per_input(sim, 12)
         assert sim.counters.gets == 0  # every wait ended on its callback
