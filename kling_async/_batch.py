@@ -78,35 +78,46 @@ class _Gate:
         self.limit = float(maximum)
         self.held = 0
         self.finished = 0  # tasks of this batch that finished: room may have opened
-        self._waiting = 0  # acquirers and room-waiters blocked on the condition
-        self._changed = asyncio.Condition()
+        # Resolved (and dropped) on every change; waiters re-check their condition then.
+        # Futures rather than an asyncio.Condition so that releasing needs no await.
+        self._change: asyncio.Future[None] | None = None
 
     @property
     def current(self) -> int:
         return max(1, int(self.limit))
 
-    async def acquire(self) -> None:
-        if self.held < self.current and not self._waiting:
-            self.held += 1  # the common case: no lock, no wait (one event loop, no preemption)
-            return
-        self._waiting += 1
-        try:
-            async with self._changed:
-                await self._changed.wait_for(lambda: self.held < self.current)
-                self.held += 1
-        finally:
-            self._waiting -= 1
+    def _signal(self) -> None:
+        if self._change is not None:
+            self._change.set_result(None)
+            self._change = None
 
-    async def release(self, *, task_finished: bool = False) -> None:
+    async def _next_change(self, timeout: float | None = None) -> None:
+        if self._change is None:
+            self._change = asyncio.get_running_loop().create_future()
+        # Shielded: a waiter that is cancelled or times out must not cancel the others'.
+        await asyncio.wait_for(asyncio.shield(self._change), timeout)
+
+    def try_acquire(self) -> bool:
+        if self.held < self.current:
+            self.held += 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        while not self.try_acquire():
+            await self._next_change()
+
+    def release(self, *, task_finished: bool = False) -> None:
         self.held -= 1
         if task_finished:
             self.finished += 1
-        if self._waiting:
-            async with self._changed:
-                self._changed.notify_all()
+        self._signal()
 
     def accepted(self) -> None:
+        before = self.current
         self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
+        if self.current != before:
+            self._signal()
 
     def refused(self) -> None:
         # Everyone else holding a slot is (or is about to be) a running task the account
@@ -116,16 +127,13 @@ class _Gate:
     async def wait_for_room(self, timeout: float) -> None:
         """Wait until one of the batch's tasks finishes, or `timeout` seconds."""
         seen = self.finished
-        self._waiting += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         try:
-            async with self._changed:
-                await asyncio.wait_for(
-                    self._changed.wait_for(lambda: self.finished != seen), timeout
-                )
+            while self.finished == seen:
+                await self._next_change(deadline - loop.time())
         except asyncio.TimeoutError:
             pass
-        finally:
-            self._waiting -= 1
 
 
 class _Slot:
@@ -138,13 +146,14 @@ class _Slot:
         self.held = False
 
     async def take(self) -> None:
-        await self._gate.acquire()
+        if not self._gate.try_acquire():
+            await self._gate.acquire()
         self.held = True
 
-    async def give_back(self, *, task_finished: bool = False) -> None:
+    def give_back(self, *, task_finished: bool = False) -> None:
         if self.held:
             self.held = False
-            await self._gate.release(task_finished=task_finished)
+            self._gate.release(task_finished=task_finished)
 
 
 class Batch:
@@ -238,8 +247,7 @@ class Batch:
                 await self._journal.close()
 
     async def _pull(self) -> tuple[int, Any] | None:
-        if self._aiter is None:
-            return self._pull_sync()  # next() cannot be interleaved: no lock needed
+        assert self._aiter is not None  # a plain iterator needs no lock: `_pull_sync`
         async with self._input_lock:
             if self._input_done:
                 return None
@@ -268,7 +276,9 @@ class Batch:
 
     async def _worker(self) -> None:
         try:
-            while (item := await self._pull()) is not None:
+            while (
+                item := self._pull_sync() if self._aiter is None else await self._pull()
+            ) is not None:
                 result = await self._item(*item)
                 if result.ok:
                     self.succeeded += 1
@@ -276,7 +286,10 @@ class Batch:
                     self.failed += 1
                 if self._on_progress is not None:
                     await self._report()
-                await self._results.put(result)
+                if self._results.full():
+                    await self._results.put(result)  # the consumer is behind: wait for it
+                else:
+                    self._results.put_nowait(result)
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # input or journal trouble ends the whole batch
@@ -366,7 +379,7 @@ class Batch:
             await record(FINISHED, final)
             return BatchResult(index=index, request=request, task=final)
         finally:
-            await slot.give_back(task_finished=task_finished)
+            slot.give_back(task_finished=task_finished)
 
     def _from_journal(
         self,
@@ -401,7 +414,7 @@ class Batch:
                 self.throttled += 1
                 refusals += 1
                 self._gate.refused()
-                await slot.give_back()
+                slot.give_back()
                 await self._wait_for_room(error, refusals)
                 await slot.take()
                 # The refused POST may follow one that timed out: look before sending.

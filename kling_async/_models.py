@@ -110,10 +110,10 @@ class TaskStatus(str, enum.Enum):
     @classmethod
     def parse(cls, raw: str) -> TaskStatus:
         """The status for a service string; strings we do not know give UNKNOWN."""
-        try:
-            return cls(raw)
-        except ValueError:
-            return cls.UNKNOWN
+        return _STATUS_BY_VALUE.get(raw, cls.UNKNOWN)
+
+
+_STATUS_BY_VALUE: dict[str, TaskStatus] = {status.value: status for status in TaskStatus}
 
 
 @attrs.frozen

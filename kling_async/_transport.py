@@ -79,6 +79,20 @@ def _log_backoff(details: Any) -> None:
     )
 
 
+def _connection_error(error: BaseException, method: str, path: str) -> APIConnectionError:
+    """Our error for aiohttp's (whose reprs may carry request headers): class name only."""
+    name = type(error).__name__
+    if isinstance(error, aiohttp.ConnectionTimeoutError):
+        return APITimeoutError("connect timed out", method=method, path=path, sent=False)
+    if isinstance(error, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return APITimeoutError("timed out", method=method, path=path)
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return APIConnectionError(
+            f"could not connect ({name})", method=method, path=path, sent=False
+        )
+    return APIConnectionError(f"connection failed ({name})", method=method, path=path)
+
+
 class Transport:
     """Sends requests to the API's origin with auth, limits, timeouts and retries."""
 
@@ -170,15 +184,25 @@ class Transport:
             data = orjson.dumps(body)
             headers["Content-Type"] = "application/json"
         started = time.perf_counter()
-        try:
-            async with self._semaphore:
-                status, response_headers, payload = await self._exchange(
-                    session, method, path, query, data, headers
-                )
-        except APIConnectionError as error:
-            if logger.isEnabledFor(logging.DEBUG):
-                self._log(method, path, type(error).__name__, None, None, started)
-            raise
+        async with self._semaphore:
+            try:
+                async with session.request(
+                    method,
+                    self.base_url + path,
+                    params=query,
+                    data=data,
+                    headers=headers,
+                    allow_redirects=False,
+                    **self._per_request,
+                ) as response:
+                    payload = await response.read()
+                    status = response.status
+                    response_headers = response.headers
+            except (asyncio.TimeoutError, aiohttp.ClientError) as error:
+                failure = _connection_error(error, method, path)
+                if logger.isEnabledFor(logging.DEBUG):
+                    self._log(method, path, type(failure).__name__, None, None, started)
+                raise failure from None
         try:
             envelope = _protocol.decode_envelope(status, response_headers, payload)
         except KlingError as error:
@@ -195,42 +219,6 @@ class Transport:
         if logger.isEnabledFor(logging.DEBUG):
             self._log(method, path, status, 0, envelope.request_id, started)
         return envelope
-
-    async def _exchange(
-        self,
-        session: aiohttp.ClientSession,
-        method: str,
-        path: str,
-        query: Mapping[str, str] | None,
-        data: bytes | None,
-        headers: dict[str, str],
-    ) -> tuple[int, Mapping[str, str], bytes]:
-        """Send the request and read the whole answer, translating aiohttp's errors."""
-        try:
-            async with session.request(
-                method,
-                self.base_url + path,
-                params=query,
-                data=data,
-                headers=headers,
-                allow_redirects=False,
-                **self._per_request,
-            ) as response:
-                return response.status, response.headers, await response.read()
-        except aiohttp.ConnectionTimeoutError:
-            raise APITimeoutError(
-                "connect timed out", method=method, path=path, sent=False
-            ) from None
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-            raise APITimeoutError("timed out", method=method, path=path) from None
-        except aiohttp.ClientConnectorError as error:
-            raise APIConnectionError(
-                f"could not connect ({type(error).__name__})", method=method, path=path, sent=False
-            ) from None
-        except aiohttp.ClientError as error:
-            raise APIConnectionError(
-                f"connection failed ({type(error).__name__})", method=method, path=path
-            ) from None
 
     @staticmethod
     def _log(

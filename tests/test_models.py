@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kling_async import (
@@ -154,6 +154,17 @@ json_values = st.recursive(
     ),
     max_leaves=12,
 )
+video_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.text(max_size=4) | json_values,
+        "url": st.text(max_size=4) | json_values,
+        "duration": st.sampled_from(["9.9", "5", "-1", "nan", "inf", "1e400", "x", ""])
+        | st.floats()
+        | st.integers()
+        | json_values,
+    },
+)
 task_like = st.fixed_dictionaries(
     {},
     optional={
@@ -162,12 +173,19 @@ task_like = st.fixed_dictionaries(
         "task_status_msg": json_values,
         "task_info": json_values
         | st.fixed_dictionaries(
-            {}, optional={"parent_video": json_values, "external_task_id": json_values}
+            {},
+            optional={
+                "parent_video": video_like | json_values,
+                "external_task_id": json_values | st.text(max_size=3),
+            },
         ),
         "task_result": json_values
-        | st.fixed_dictionaries({}, optional={"videos": st.lists(json_values, max_size=2)}),
-        "created_at": json_values,
-        "updated_at": json_values,
+        | st.fixed_dictionaries(
+            {}, optional={"videos": st.lists(video_like | json_values, max_size=2) | json_values}
+        ),
+        "created_at": json_values | st.integers(min_value=-(10**16), max_value=10**16),
+        "updated_at": json_values | st.floats(),
+        "request_id": json_values,
     },
 )
 
@@ -369,3 +387,30 @@ def test_batch_result_ok() -> None:
     task = Task(task_id="1", status=TaskStatus.SUCCEED)
     assert BatchResult(index=0, request=request, task=task).ok
     assert not BatchResult(index=0, request=request).ok
+
+
+@settings(max_examples=1000)
+@given(task_like | json_values)
+def test_the_fast_task_path_agrees_with_cattrs(data: Any) -> None:
+    from kling_async._converter import _fast_task, _structure_wire_task, _WireTask, task_from_wire
+
+    if not isinstance(data, dict):
+        return
+    fast = _fast_task(data, "rid", "ext")
+    try:
+        slow = task_from_wire(
+            _structure_wire_task(data, _WireTask), request_id="rid", external_task_id="ext"
+        )
+    except Exception:  # the checked path rejects it: so must the fast one
+        assert fast is None
+        return
+    assert fast is None or fast == slow
+
+
+def test_the_fast_path_takes_the_samples() -> None:
+    from kling_async._converter import _fast_task
+
+    for name in ("query-succeed.json", "query-failed.json", "create-official.json"):
+        data = sample(name)["data"]
+        assert _fast_task(data, None, None) == parse_task(data)
+        assert _fast_task(data, None, None) is not None
