@@ -24,10 +24,11 @@ from typing import IO, Final
 import aiohttp
 
 from kling_async import _protocol
+from kling_async._checks import is_http_url
 from kling_async._hooks import call_back
 from kling_async._models import Task, Video
-from kling_async._transport import Transport
-from kling_async.errors import APIConnectionError, APITimeoutError, ValidationError
+from kling_async._transport import Transport, connection_error
+from kling_async.errors import APIConnectionError, ValidationError
 
 #: A callable told ``(bytes_done, bytes_total_or_None)`` as a download progresses.
 OnProgress = Callable[[int, "int | None"], "Awaitable[None] | None"]
@@ -110,14 +111,8 @@ def _pick_video(task_or_video: Task | Video) -> Video:
 
 
 def _check_url(url: str) -> str:
-    rule = "the video URL must be an absolute http(s) URL"
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname
-    except (ValueError, TypeError, AttributeError):
-        raise ValidationError("task_or_video", rule, url) from None
-    if parts.scheme not in ("http", "https") or not host:
-        raise ValidationError("task_or_video", rule, url)
+    if not is_http_url(url):
+        raise ValidationError("task_or_video", "the video URL must be an absolute http(s) URL", url)
     return url
 
 
@@ -253,16 +248,8 @@ class _Fetch:
                     timeout=self._timeout,
                 ) as response:
                     await self._receive(response, part, resuming="Range" in headers)
-            except aiohttp.ConnectionTimeoutError:
-                raise self._error(APITimeoutError, "connect timed out", sent=False) from None
-            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-                raise self._error(APITimeoutError, "timed out") from None
-            except aiohttp.ClientConnectorError as error:
-                message = f"could not connect ({type(error).__name__})"
-                raise self._error(APIConnectionError, message, sent=False) from None
-            except aiohttp.ClientError as error:
-                message = f"connection failed ({type(error).__name__})"
-                raise self._error(APIConnectionError, message) from None
+            except (asyncio.TimeoutError, aiohttp.ClientError) as error:
+                raise connection_error(error, "GET", self._shown) from None
 
     @contextlib.asynccontextmanager
     async def _session(self) -> AsyncIterator[aiohttp.ClientSession]:
@@ -314,10 +301,8 @@ class _Fetch:
                 f"the body was cut short ({part.size} of {total or expected} bytes)",
             )
 
-    def _error(
-        self, kind: type[APIConnectionError], message: str, *, sent: bool = True
-    ) -> APIConnectionError:
-        return kind(message, method="GET", path=self._shown, sent=sent)
+    def _error(self, kind: type[APIConnectionError], message: str) -> APIConnectionError:
+        return kind(message, method="GET", path=self._shown)
 
 
 def _is_identity(response: aiohttp.ClientResponse) -> bool:

@@ -79,7 +79,7 @@ def _log_backoff(details: Any) -> None:
     )
 
 
-def _connection_error(error: BaseException, method: str, path: str) -> APIConnectionError:
+def connection_error(error: BaseException, method: str, path: str) -> APIConnectionError:
     """Our error for aiohttp's (whose reprs may carry request headers): class name only."""
     name = type(error).__name__
     if isinstance(error, aiohttp.ConnectionTimeoutError):
@@ -199,7 +199,7 @@ class Transport:
                     status = response.status
                     response_headers = response.headers
             except (asyncio.TimeoutError, aiohttp.ClientError) as error:
-                failure = _connection_error(error, method, path)
+                failure = connection_error(error, method, path)
                 if logger.isEnabledFor(logging.DEBUG):
                     self._log(method, path, type(failure).__name__, None, None, started)
                 raise failure from None
