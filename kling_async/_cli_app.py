@@ -7,9 +7,6 @@ simulator in the foreground.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import signal
 from pathlib import Path
 
 import click
@@ -300,12 +297,12 @@ def simulate(host: str, port: int, processing_time: float, failure_rate: float) 
     """
     from kling_async.testing import Simulator
 
+    def announce(simulator: Simulator) -> None:
+        click.echo(f"KLING_BASE_URL={simulator.base_url}")
+        click.echo(f"KLING_API_KEY={simulator.api_key}")
+        click.echo("Serving the simulator; press Ctrl-C to stop.", err=True)
+
     async def serve() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(signum, stop.set)
         simulator = Simulator(
             host=host,
             port=port,
@@ -313,11 +310,7 @@ def simulate(host: str, port: int, processing_time: float, failure_rate: float) 
             processing_time=processing_time,
             failure_rate=failure_rate,
         )
-        async with simulator:
-            click.echo(f"KLING_BASE_URL={simulator.base_url}")
-            click.echo(f"KLING_API_KEY={simulator.api_key}")
-            click.echo("Serving the simulator; press Ctrl-C to stop.", err=True)
-            await stop.wait()
+        await simulator.serve_until_signalled(announce)
         return EXIT_OK
 
     code = run_async(serve)

@@ -24,7 +24,7 @@ from kling_async import (
     Video,
 )
 from kling_async._batch import BatchProgress
-from kling_async.testing import Simulator
+from kling_async.testing import ALL_FAULT_KINDS, Simulator
 from tests.conftest import FAST_POLL
 
 
@@ -159,17 +159,7 @@ async def test_account_running_limit_is_respected() -> None:
 @pytest.mark.slow
 async def test_faults_on_creates_and_polls_lose_and_duplicate_nothing() -> None:
     async with Simulator(submit_time=0.01, processing_time=0.05, seed=11) as sim:
-        kinds = [
-            "500",
-            "503",
-            "504",
-            "429",
-            "drop_before",
-            "drop_after",
-            "slow",
-            "html",
-            "truncated",
-        ]
+        kinds = [kind for kind in ALL_FAULT_KINDS if kind != "short_body"]
         sim.set_fault_rate(0.3, on="create", kinds=kinds, retry_after=0.01, delay=0.5)
         sim.set_fault_rate(0.3, on="get", kinds=kinds, retry_after=0.01, delay=0.5)
         async with KlingClient(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
 import sys
 from collections.abc import Sequence
 
@@ -42,12 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _announce(simulator: Simulator) -> None:
+    print(f"KLING_BASE_URL={simulator.base_url}", flush=True)
+    print(f"KLING_API_KEY={simulator.api_key or ''}", flush=True)
+    print(f"KLING_FILES_URL={simulator.files_base_url}", flush=True)
+
+
 async def _serve(args: argparse.Namespace) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signum, stop.set)
     simulator = Simulator(
         api_key=args.api_key,
         access_key=args.access_key,
@@ -65,11 +65,7 @@ async def _serve(args: argparse.Namespace) -> None:
         file_size=args.file_size,
         files_port=args.files_port,
     )
-    async with simulator:
-        print(f"KLING_BASE_URL={simulator.base_url}", flush=True)
-        print(f"KLING_API_KEY={simulator.api_key or ''}", flush=True)
-        print(f"KLING_FILES_URL={simulator.files_base_url}", flush=True)
-        await stop.wait()
+    await simulator.serve_until_signalled(_announce)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

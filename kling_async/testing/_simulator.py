@@ -7,6 +7,7 @@ import collections
 import concurrent.futures
 import contextlib
 import random
+import signal
 import threading
 import time
 import types
@@ -251,6 +252,21 @@ class Simulator:
             await self._callbacks.close()
         if self._session is not None:
             await self._session.close()
+
+    async def serve_until_signalled(
+        self, announce: Callable[[Simulator], None] | None = None
+    ) -> None:
+        """Start, call `announce` with the running simulator, serve until SIGINT or
+        SIGTERM, then close. For serving from a command line."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signum, stop.set)
+        async with self:
+            if announce is not None:
+                announce(self)
+            await stop.wait()
 
     @contextlib.contextmanager
     def run_in_thread(self) -> Iterator[Simulator]:
