@@ -25,6 +25,7 @@ import attrs
 
 from kling_async import _protocol
 from kling_async._checks import is_collection_of_items, is_int_in
+from kling_async._deadlines import within
 from kling_async._hooks import call_back
 from kling_async._journal import FINISHED, PENDING, SUBMITTED, Journal, fingerprint, is_final_error
 from kling_async._models import BatchResult, ExtendRequest, Task
@@ -95,7 +96,7 @@ class _Gate:
         if self._change is None:
             self._change = asyncio.get_running_loop().create_future()
         # Shielded: a waiter that is cancelled or times out must not cancel the others'.
-        await asyncio.wait_for(asyncio.shield(self._change), timeout)
+        await within(asyncio.shield(self._change), timeout)
 
     def try_acquire(self) -> bool:
         if self.held < self.current:

@@ -47,6 +47,7 @@ from kling_async._cli_runtime import (
     run_with_client,
 )
 from kling_async._client import KlingClient
+from kling_async._deadlines import within
 from kling_async._models import BatchResult, ExtendRequest, Task
 from kling_async.errors import KlingError
 
@@ -100,7 +101,7 @@ class BatchRun:
         """
         try:
             try:
-                await asyncio.wait_for(self._consume(), timeout)
+                await within(self._consume(), timeout)
             except asyncio.TimeoutError:
                 assert timeout is not None
                 self._time_out(timeout)

@@ -30,6 +30,7 @@ from kling_async import _protocol
 from kling_async._auth import Auth, BearerAuth, JWTAuth
 from kling_async._checks import is_int_in, is_seconds, is_text
 from kling_async._converter import parse_task, parse_task_list
+from kling_async._deadlines import within
 from kling_async._hooks import call_back
 from kling_async._models import BatchResult, ExtendRequest, PollPolicy, Task, TaskStatus, Video
 from kling_async._protocol import EXTEND_PATH, Envelope
@@ -438,7 +439,7 @@ class KlingClient:
 
     async def _poll_once(self, task_id: str, remaining: float) -> Task | None:
         try:
-            return await asyncio.wait_for(self.get_task(task_id), remaining)
+            return await within(self.get_task(task_id), remaining)
         except asyncio.TimeoutError:
             return None
         except KlingError as error:

@@ -39,6 +39,7 @@ from standardwebhooks.webhooks import Webhook
 
 from kling_async._checks import is_http_url, is_int_in, is_text
 from kling_async._converter import parse_task
+from kling_async._deadlines import within
 from kling_async._hooks import call_back
 from kling_async._models import Task
 from kling_async.errors import ConfigurationError, ResponseFormatError
@@ -110,7 +111,7 @@ class TaskSubscription:
         if timeout <= 0:
             return None
         try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
+            return await within(self._queue.get(), timeout)
         except asyncio.TimeoutError:
             return None
 

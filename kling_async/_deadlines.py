@@ -1,0 +1,39 @@
+"""Waiting with a time limit without ever losing a cancellation.
+
+`asyncio.wait_for` on Python 3.10 and 3.11 swallows a cancellation that arrives just as
+the awaited thing finishes (it returns the result instead; fixed in 3.12). A batch
+worker that loses its cancellation that way keeps polling, and the batch's shutdown
+waits for it forever. `within` cannot: it waits with `asyncio.wait`, which always
+passes a cancellation on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+async def within(awaitable: Awaitable[T], timeout: float | None) -> T:
+    """Await `awaitable` for at most `timeout` seconds (None: no limit).
+
+    Raises:
+        asyncio.TimeoutError: the time ran out first (the awaitable is cancelled).
+    """
+    if timeout is None:
+        return await awaitable
+    inner = asyncio.ensure_future(awaitable)
+    try:
+        await asyncio.wait((inner,), timeout=max(timeout, 0.0))
+    except asyncio.CancelledError:
+        inner.cancel()
+        await asyncio.wait((inner,))
+        raise
+    if not inner.done():
+        inner.cancel()
+        await asyncio.wait((inner,))
+    if inner.cancelled():
+        raise asyncio.TimeoutError
+    return inner.result()  # finished in time, or just as the time ran out
