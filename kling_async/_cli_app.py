@@ -7,7 +7,9 @@ simulator in the foreground.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -29,8 +31,22 @@ from kling_async._client import MAX_PAGE_SIZE, KlingClient
 from kling_async._models import Task
 from kling_async.errors import TaskFailedError, WaitTimeoutError
 
+F = TypeVar("F", bound=Callable[..., Any])
+
 _JSON_HELP = "Print the task as the service's JSON (one line) instead of text."
 _WAIT_TIMEOUT = 900.0
+
+
+def _wait_timeout_option(help_text: str) -> Callable[[F], F]:
+    """The ``--timeout SECONDS`` option of the commands that wait for a task."""
+    return click.option(
+        "--timeout",
+        type=click.FloatRange(min=0),
+        default=_WAIT_TIMEOUT,
+        show_default=True,
+        metavar="SECONDS",
+        help=help_text,
+    )
 
 
 class _Group(click.Group):
@@ -101,14 +117,7 @@ async def _wait(kling: KlingClient, task: Task | str, timeout: float, *, as_json
     "--parent-task-id", metavar="ID", help="The task that made VIDEO_ID (some gateways want it)."
 )
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the result and print it.")
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0),
-    default=_WAIT_TIMEOUT,
-    show_default=True,
-    metavar="SECONDS",
-    help="With --wait: give up waiting after SECONDS (the task goes on).",
-)
+@_wait_timeout_option("With --wait: give up waiting after SECONDS (the task goes on).")
 @click.option("--json", "as_json", is_flag=True, help=_JSON_HELP)
 @client_options
 def extend(
@@ -179,14 +188,7 @@ def status(task_id: str, external: bool, as_json: bool, client: ClientOptions) -
 
 @cli.command(short_help="Wait for a task to finish.")
 @click.argument("task_id")
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0),
-    default=_WAIT_TIMEOUT,
-    show_default=True,
-    metavar="SECONDS",
-    help="Give up after SECONDS (the task goes on; exit 1).",
-)
+@_wait_timeout_option("Give up after SECONDS (the task goes on; exit 1).")
 @click.option("--json", "as_json", is_flag=True, help=_JSON_HELP)
 @client_options
 def wait(task_id: str, timeout: float, as_json: bool, client: ClientOptions) -> None:
