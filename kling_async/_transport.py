@@ -121,8 +121,9 @@ class Transport:
         self.timeout = aiohttp.ClientTimeout(
             total=timeout, connect=min(timeout, 30.0), sock_read=timeout
         )
-        # A session passed in keeps its own default timeout, so ours goes with each request.
-        self._per_request: dict[str, Any] = {"timeout": self.timeout}
+        # Our own session has our timeout as its default; a session passed in keeps its
+        # own default, so ours goes with each request.
+        self._per_request: dict[str, Any] = {} if session is None else {"timeout": self.timeout}
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -140,7 +141,6 @@ class Transport:
                 connector=aiohttp.TCPConnector(limit=self.max_in_flight),
                 timeout=self.timeout,
             )
-            self._per_request = {}  # the session's own default timeout is ours
         return self._session
 
     def slot(self) -> asyncio.Semaphore:
