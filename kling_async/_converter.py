@@ -78,9 +78,11 @@ def _request_from_body(body: Any, _: Any = None) -> ExtendRequest:
     fields = dict(body)
     if "watermark_info" in fields:
         info = fields.pop("watermark_info")
-        if not isinstance(info, dict) or set(info) - {"enabled"}:
+        if not isinstance(info, dict) or set(info) != {"enabled"}:
             raise ValidationError("watermark_info", 'must be {"enabled": true|false}', info)
-        fields["watermark"] = info.get("enabled")
+        if not isinstance(info["enabled"], bool):
+            raise ValidationError("watermark_info", 'must be {"enabled": true|false}', info)
+        fields["watermark"] = info["enabled"]
     if "task_id" in fields:
         fields["parent_task_id"] = fields.pop("task_id")
     for wire_only in ("watermark", "parent_task_id"):

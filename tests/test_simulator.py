@@ -171,7 +171,7 @@ async def test_task_lifecycle(http: aiohttp.ClientSession) -> None:
         assert sim.tasks[task_id].status == "succeed"
 
         # The result can be extended again: the chain grows.
-        _, second = await create(http, sim, {"video_id": video["id"]})
+        _, second = await create(http, sim, {"video_id": video["id"], "prompt": "p"})
         parent_again = sim.tasks[second["data"]["task_id"]].parent_video
         assert parent_again.duration == float(video["duration"])
 
@@ -223,7 +223,7 @@ async def test_both_prefixes_served(
         root = f"http://127.0.0.1:{sim.port}"
         for base in (root, root + "/kling"):
             status, answer = await call(
-                http, "POST", base + PATH, token=sim.api_key, body={"video_id": "v1"}
+                http, "POST", base + PATH, token=sim.api_key, body={"video_id": "v1", "prompt": "p"}
             )
             assert status == 200
             assert ("task_info" in answer["data"]) is (base == root)
@@ -344,13 +344,17 @@ async def test_credit(http: aiohttp.ClientSession) -> None:
     ("body", "code", "field"),
     [
         ({}, 1201, "video_id"),
-        ({"video_id": ""}, 1201, "video_id"),
-        ({"video_id": 5}, 1201, "video_id"),
-        ({"video_id": "v", "cfg_scale": 1.5}, 1201, "cfg_scale"),
-        ({"video_id": "v", "cfg_scale": True}, 1201, "cfg_scale"),
-        ({"video_id": "v", "prompt": 3}, 1201, "prompt"),
-        ({"video_id": "v", "callback_url": "ftp://x"}, 1201, "callback_url"),
-        ({"video_id": "v", "watermark_info": {"enabled": "yes"}}, 1201, "watermark_info"),
+        ({"prompt": "p", "video_id": ""}, 1201, "video_id"),
+        ({"prompt": "p", "video_id": 5}, 1201, "video_id"),
+        ({"prompt": "p", "video_id": "v", "cfg_scale": 1.5}, 1201, "cfg_scale"),
+        ({"prompt": "p", "video_id": "v", "cfg_scale": True}, 1201, "cfg_scale"),
+        ({"prompt": "p", "video_id": "v", "prompt": 3}, 1201, "prompt"),
+        ({"prompt": "p", "video_id": "v", "callback_url": "ftp://x"}, 1201, "callback_url"),
+        (
+            {"prompt": "p", "video_id": "v", "watermark_info": {"enabled": "yes"}},
+            1201,
+            "watermark_info",
+        ),
         ([1, 2], 1200, "JSON object"),
     ],
 )
@@ -390,7 +394,7 @@ async def test_video_too_long(http: aiohttp.ClientSession) -> None:
     async with Simulator(submit_time=0, processing_time=0, seed=3) as sim:
         video_id, steps = "start", 0
         while True:
-            status, answer = await create(http, sim, {"video_id": video_id})
+            status, answer = await create(http, sim, {"video_id": video_id, "prompt": "p"})
             if status != 200:
                 break
             _, seen = await get(http, sim, answer["data"]["task_id"])
@@ -465,13 +469,13 @@ async def test_504_and_429_faults(sim: Simulator, http: aiohttp.ClientSession) -
     status, answer = await get(http, sim, "x")
     assert (status, answer["code"]) == (504, 5002)
     async with http.post(
-        sim.base_url + PATH, json={"video_id": "v"}, headers=bearer("sim-api-key")
+        sim.base_url + PATH, json={"video_id": "v", "prompt": "p"}, headers=bearer("sim-api-key")
     ) as response:
         assert response.status == 429
         assert response.headers["Retry-After"] == "0.25"
         assert (await response.json())["code"] == 1302
     async with http.post(
-        sim.base_url + PATH, json={"video_id": "v"}, headers=bearer("sim-api-key")
+        sim.base_url + PATH, json={"video_id": "v", "prompt": "p"}, headers=bearer("sim-api-key")
     ) as response:
         assert response.headers["Retry-After"] == "3"
     async with http.get(sim.base_url + PATH, headers=bearer("sim-api-key")) as response:
@@ -511,7 +515,7 @@ async def test_slow_creates_task_before_answering(
     with pytest.raises(asyncio.TimeoutError):
         async with http.post(
             sim.base_url + PATH,
-            json={"video_id": "v", "external_task_id": "slow-1"},
+            json={"video_id": "v", "prompt": "p", "external_task_id": "slow-1"},
             headers=bearer("sim-api-key"),
             timeout=aiohttp.ClientTimeout(total=0.1),
         ) as response:
@@ -528,11 +532,15 @@ async def test_html_and_truncated_bodies(sim: Simulator, http: aiohttp.ClientSes
     sim.inject("html")
     sim.inject("truncated")
     url = sim.base_url + PATH
-    async with http.post(url, json={"video_id": "v"}, headers=bearer("sim-api-key")) as response:
+    async with http.post(
+        url, json={"video_id": "v", "prompt": "p"}, headers=bearer("sim-api-key")
+    ) as response:
         assert response.status == 200
         assert response.content_type == "text/html"
         assert b"<html>" in await response.read()
-    async with http.post(url, json={"video_id": "v"}, headers=bearer("sim-api-key")) as response:
+    async with http.post(
+        url, json={"video_id": "v", "prompt": "p"}, headers=bearer("sim-api-key")
+    ) as response:
         assert response.status == 200
         assert response.content_type == "application/json"
         body = await response.read()
@@ -666,7 +674,7 @@ async def test_files_not_ready_until_success(http: aiohttp.ClientSession) -> Non
             assert response.status == 404
         async with http.get(task.parent_video.url) as response:
             assert response.status == 200
-        status, answer = await create(http, sim, {"video_id": task.result_video.id})
+        status, answer = await create(http, sim, {"video_id": task.result_video.id, "prompt": "p"})
         assert (status, answer["code"]) == (400, 1201)
         assert "not available" in answer["message"]
 
@@ -862,7 +870,7 @@ def sync_call(
 def test_run_in_thread() -> None:
     with Simulator(submit_time=30).run_in_thread() as sim:
         status, answer = sync_call(
-            "POST", sim.base_url + PATH, token="sim-api-key", body={"video_id": "v"}
+            "POST", sim.base_url + PATH, token="sim-api-key", body={"video_id": "v", "prompt": "p"}
         )
         assert status == 200
         task_id = answer["data"]["task_id"]
@@ -905,7 +913,11 @@ async def test_command_line_serves_until_sigterm(http: aiohttp.ClientSession) ->
         assert settings["KLING_API_KEY"] == "cli-key"
         assert settings["KLING_FILES_URL"].startswith("http://127.0.0.1:")
         status, answer = await call(
-            http, "POST", settings["KLING_BASE_URL"] + PATH, token="cli-key", body={"video_id": "v"}
+            http,
+            "POST",
+            settings["KLING_BASE_URL"] + PATH,
+            token="cli-key",
+            body={"video_id": "v", "prompt": "p"},
         )
         assert status == 200
         assert answer["data"]["task_status"] == "submitted"

@@ -39,7 +39,9 @@ async def call(
 async def create(
     http: aiohttp.ClientSession, sim: Simulator, **fields: Any
 ) -> tuple[int, dict[str, Any]]:
-    return await call(http, sim, "POST", body={"video_id": "743211632612511839", **fields})
+    return await call(
+        http, sim, "POST", body={"video_id": "743211632612511839", "prompt": "p", **fields}
+    )
 
 
 async def status_of(http: aiohttp.ClientSession, sim: Simulator, key: str) -> dict[str, Any]:
@@ -471,7 +473,9 @@ async def _serve_once(http: aiohttp.ClientSession, state: Path, args: list[str])
         settings = dict(line.split("=", 1) for line in lines)
         headers = {"Authorization": "Bearer sim-api-key"}
         url = settings["KLING_BASE_URL"] + PATH
-        async with http.post(url, json={"video_id": "v"}, headers=headers) as response:
+        async with http.post(
+            url, json={"video_id": "v", "prompt": "p"}, headers=headers
+        ) as response:
             assert response.status == 200
         process.terminate()
         assert await asyncio.wait_for(process.wait(), 10) == 0

@@ -12,6 +12,10 @@ import jwt
 import orjson
 from aiohttp import web
 
+from kling_async._converter import converter
+from kling_async._models import ExtendRequest
+from kling_async.errors import ValidationError
+
 _MISSING = object()
 
 MESSAGES: dict[int, str] = {
@@ -120,31 +124,15 @@ def is_number(value: object) -> bool:
 
 
 def validate_create(payload: dict[str, Any]) -> str | None:
-    """The problem with a create body (a message naming the field), or `None`."""
-    video_id = payload.get("video_id")
-    if not isinstance(video_id, str) or not video_id.strip():
-        return "video_id is required and must be a non-empty string"
-    for name in ("prompt", "negative_prompt"):
-        value = payload.get(name)
-        if value is not None and (not isinstance(value, str) or len(value) > 2500):
-            return f"{name} must be a string of at most 2500 characters"
-    cfg_scale = payload.get("cfg_scale")
-    if cfg_scale is not None and (not is_number(cfg_scale) or not 0 <= cfg_scale <= 1):
-        return "cfg_scale must be a number in [0, 1]"
-    callback_url = payload.get("callback_url")
-    if callback_url is not None and (
-        not isinstance(callback_url, str) or not callback_url.startswith(("http://", "https://"))
-    ):
-        return "callback_url must be an http(s) URL"
-    for name in ("external_task_id", "task_id"):
-        value = payload.get(name)
-        if value is not None and (not isinstance(value, str) or not value):
-            return f"{name} must be a non-empty string"
-    watermark = payload.get("watermark_info")
-    if watermark is not None and (
-        not isinstance(watermark, dict) or not isinstance(watermark.get("enabled"), bool)
-    ):
-        return 'watermark_info must be an object {"enabled": bool}'
+    """The problem with a create body (a message naming the field), or `None`.
+
+    The body is read by the client's own converter, so the simulator accepts exactly
+    the bodies the client's `ExtendRequest` can describe, and names the field otherwise.
+    """
+    try:
+        converter.structure(payload, ExtendRequest)
+    except ValidationError as error:
+        return str(error)
     return None
 
 
