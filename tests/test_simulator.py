@@ -348,7 +348,7 @@ async def test_credit(http: aiohttp.ClientSession) -> None:
         ({"prompt": "p", "video_id": 5}, 1201, "video_id"),
         ({"prompt": "p", "video_id": "v", "cfg_scale": 1.5}, 1201, "cfg_scale"),
         ({"prompt": "p", "video_id": "v", "cfg_scale": True}, 1201, "cfg_scale"),
-        ({"prompt": "p", "video_id": "v", "prompt": 3}, 1201, "prompt"),
+        ({"video_id": "v", "prompt": 3}, 1201, "prompt"),
         ({"prompt": "p", "video_id": "v", "callback_url": "ftp://x"}, 1201, "callback_url"),
         (
             {"prompt": "p", "video_id": "v", "watermark_info": {"enabled": "yes"}},
