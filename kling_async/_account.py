@@ -27,6 +27,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import collections
+import contextlib
 import logging
 import random
 import time
@@ -51,6 +52,8 @@ Lookup = Callable[[str], Awaitable["Task | None"]]
 CHECK_AFTER: Final = 15.0
 #: After a 1303 with nothing of ours running, wait at most this long before trying again.
 REFUSED_WAIT_CAP: Final = 30.0
+#: How many settled external ids an `InMemoryAccount` remembers (oldest forgotten first).
+SETTLED_MEMORY: Final = 10_000
 
 
 @attrs.define(eq=False)
@@ -130,82 +133,85 @@ class InMemoryAccount(Account):
 
     Args:
         max_running: the plan's limit of running tasks, when known. Without it the limit
-            is learned: lowered at once to what the account accepted on a 1303, and
-            raised by ``1/limit`` for each create accepted while at the limit.
+            is learned, as TCP learns a window: it starts at 1 and grows by one slot for
+            each create accepted while at the limit (so it doubles per round of creates)
+            until the first 1303; that answer lowers it at once to what the account
+            accepted, and from then on it grows by ``1/limit`` per accepted create.
     """
 
     def __init__(self, *, max_running: int | None = None) -> None:
         if max_running is not None and not is_int_in(max_running, 1):
             raise ConfigurationError("max_running must be an integer of at least 1, or None")
         self.max_running = max_running
-        self._limit: float = float(max_running) if max_running is not None else float("inf")
+        self._limit = float(max_running or 1)
+        #: Growing fast until the first 1303 (only when the limit is learned).
+        self._slow_start = max_running is None
         self._held: dict[int, _Held] = {}
         self._by_task: dict[str, AccountSlot] = {}
+        # Waiters for a slot, first come first served; a woken waiter's slot is reserved
+        # until it runs, so a newcomer cannot take it in between.
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._reserved = 0
+        # Resolved (and replaced) whenever a slot is freed: what `refused` waits on.
+        self._freed: asyncio.Future[None] | None = None
         self._claims: dict[str, asyncio.Future[Task | None]] = {}
         self._settled: collections.OrderedDict[str, Task] = collections.OrderedDict()
-        self._freed = 0
         self._checking: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
-        limit = "learning" if self._limit == float("inf") else f"{self.limit}"
-        return f"<InMemoryAccount running={len(self._held)} limit={limit}>"
+        learned = "" if self.max_running is not None else " (learned)"
+        return f"<InMemoryAccount running={len(self._held)} limit={self.limit}{learned}>"
 
     @property
-    def limit(self) -> int | None:
-        """How many slots may be taken now (None: not learned yet, no limit seen)."""
-        if self._limit == float("inf"):
-            return None
+    def limit(self) -> int:
+        """How many slots may be taken now: `max_running`, or the limit learned so far."""
         return max(1, int(self._limit))
 
     @property
     def running(self) -> int:
-        """Slots taken now."""
+        """Slots taken now (tasks created and not yet seen finished, and creates under way)."""
         return len(self._held)
 
-    def _has_room(self) -> bool:
-        limit = self.limit
-        return limit is None or len(self._held) < limit
+    def _room(self) -> int:
+        return self.limit - len(self._held) - self._reserved
 
     # -- slots ---------------------------------------------------------------------------
 
     async def acquire(self, external_task_id: str, lookup: Lookup) -> AccountSlot:
-        if not self._waiters and self._has_room():
-            return self._take(external_task_id, lookup)
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        self._start_checking()
-        try:
-            await waiter
-        except BaseException:
-            if waiter.done() and not waiter.cancelled():
-                self._wake()  # we were handed a turn we will not use: pass it on
-            else:
-                self._waiters.remove(waiter)
-            raise
-        return self._take(external_task_id, lookup)
-
-    def _take(self, external_task_id: str, lookup: Lookup) -> AccountSlot:
+        if self._waiters or self._room() <= 0:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            self._start_checking()
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._reserved -= 1  # handed a slot it will not use: pass it on
+                    self._wake()
+                else:
+                    with contextlib.suppress(ValueError):  # `_wake` may have dropped it
+                        self._waiters.remove(waiter)
+                raise
+            self._reserved -= 1
         slot = AccountSlot(external_task_id)
         self._held[id(slot)] = _Held(slot, lookup, time.monotonic())
         return slot
 
     def _wake(self) -> None:
-        # Hand turns to waiters in order while there is room; each turn is taken by
-        # `_take` before anything else can run on the loop, so room is never oversold.
-        room = (self.limit or len(self._held) + len(self._waiters)) - len(self._held)
-        while self._waiters and room > 0:
+        while self._waiters and self._room() > 0:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                room -= 1
+                self._reserved += 1
 
     def _free(self, slot: AccountSlot) -> None:
         if self._held.pop(id(slot), None) is None:
             return
         if slot.task_id is not None:
             self._by_task.pop(slot.task_id, None)
-        self._freed += 1
+        if self._freed is not None:
+            self._freed.set_result(None)
+            self._freed = None
         self._wake()
 
     async def created(self, slot: AccountSlot, task: Task) -> None:
@@ -219,44 +225,35 @@ class InMemoryAccount(Account):
             self._free(slot)
             return
         self._by_task[task.task_id] = slot
-        if self.max_running is None and len(self._held) >= self._limit:
-            self._limit += 1.0 / self._limit  # additive increase, only while at the limit
+        if self.max_running is None and len(self._held) >= self.limit:
+            # Only while at the limit: room nobody asked for proves nothing.
+            self._limit += 1.0 if self._slow_start else 1.0 / self._limit
+            self._wake()
 
     async def refused(self, slot: AccountSlot, retry_after: float | None = None) -> None:
         if self.max_running is None:
             # Everyone else holding a slot is a running task the account accepted.
             self._limit = float(max(1, len(self._held) - 1))
+            self._slow_start = False
+        self._free(slot)  # our own slot freeing is not the news we wait for
+        if self._freed is None:
+            self._freed = asyncio.get_running_loop().create_future()
         freed = self._freed
-        self._free(slot)
-        loop = asyncio.get_running_loop()
-        if retry_after:
-            await asyncio.sleep(retry_after)
-        if self._freed != freed:
-            return
-        # Nothing freed: wait for a slot to free, or (when nothing of ours runs, so the
-        # tasks filling the account are someone else's) a jittered backoff.
-        deadline = loop.time() + random.uniform(1.0, REFUSED_WAIT_CAP if not self._held else 5.0)
-        while self._freed == freed and loop.time() < deadline:
-            waiter = loop.create_future()
-            self._waiters.appendleft(waiter)  # keeps its place at the front
-            try:
-                await asyncio.wait((waiter,), timeout=deadline - loop.time())
-            finally:
-                if not waiter.done():
-                    self._waiters.remove(waiter)
-                else:
-                    self._wake() if not waiter.cancelled() else None
+        # Wait for one of our tasks to finish; when none of ours runs, the tasks filling
+        # the account are someone else's, and only time tells: a jittered backoff.
+        wait = retry_after or random.uniform(1.0, 5.0 if self._held else REFUSED_WAIT_CAP)
+        await asyncio.wait((asyncio.shield(freed),), timeout=wait)
 
     async def release(self, slot: AccountSlot, *, maybe_created: bool = False) -> None:
         held = self._held.get(id(slot))
         if held is None:
             return
-        if maybe_created:
-            held.maybe_created = True
-            held.seen = 0.0  # look it up at the next check
-            self._start_checking()
-        else:
+        if not maybe_created:
             self._free(slot)
+            return
+        held.maybe_created = True
+        held.seen = float("-inf")  # look it up at the next check
+        self._start_checking()
 
     async def finished(self, task: Task) -> None:
         slot = self._by_task.get(task.task_id)
@@ -270,11 +267,13 @@ class InMemoryAccount(Account):
             self._checking = asyncio.ensure_future(self._check_loop())
 
     async def _check_loop(self) -> None:
+        # Runs while someone waits for a slot or a slot's task is unknown; looks up the
+        # tasks nobody reported for CHECK_AFTER seconds and frees those that finished.
         while self._waiters or any(h.maybe_created for h in self._held.values()):
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(min(1.0, CHECK_AFTER / 4))
             now = time.monotonic()
             for held in list(self._held.values()):
-                if now - held.seen >= CHECK_AFTER or (held.maybe_created and not held.seen):
+                if now - held.seen >= CHECK_AFTER:
                     held.seen = now
                     await self._check(held)
 
@@ -310,7 +309,7 @@ class InMemoryAccount(Account):
         running = self._claims.pop(external_task_id, None)
         if task is not None:
             self._settled[external_task_id] = task
-            if len(self._settled) > 10_000:
+            if len(self._settled) > SETTLED_MEMORY:
                 self._settled.popitem(last=False)
         if running is not None and not running.done():
             running.set_result(task)

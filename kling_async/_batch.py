@@ -261,6 +261,11 @@ class Batch:
             self.submitted += 1
             await record(SUBMITTED, task)
             if not self._wait:
+                if self._own_account:
+                    # Nobody will watch this task: the batch's private slots count only
+                    # the creates in flight. A shared account keeps it until it is seen
+                    # finished (by its own check if by no one else).
+                    await self._account.finished(task)
                 return BatchResult(index=index, request=request, task=task)
         self.running += 1
         await self._report()
