@@ -36,7 +36,7 @@ import inspect
 import logging
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -47,6 +47,7 @@ from kling_async._config import is_int_in, is_text
 from kling_async._deadlines import within
 from kling_async._hooks import call_back
 from kling_async._models import Task, is_http_url
+from kling_async._types import OnUpdate
 from kling_async._webhooks import CallbackVerifier, InvalidSignatureError, parse_callback
 from kling_async.errors import ConfigurationError, ResponseFormatError
 
@@ -70,8 +71,8 @@ SUBSCRIPTION_QUEUE_SIZE: Final = 64
 
 _READ_CHUNK: Final = 64 * 1024
 
-#: A hook told about every delivered task: sync or async.
-OnTask = Callable[[Task], "Awaitable[None] | None"]
+#: A hook told about every delivered task: sync or async (the same type as `on_update`).
+OnTask = OnUpdate
 
 
 class _BodyTooLarge(Exception):
