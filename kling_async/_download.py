@@ -3,8 +3,10 @@
 A download streams the video into a temporary ``.part`` file next to its destination
 and renames it into place only when every byte announced has arrived, so a half-written
 file never appears under the final name. Result URLs live on a CDN: no credentials are
-ever sent there. Transient failures are retried like API calls; when the server
-supports ranges, a retry asks only for the bytes still missing.
+ever sent there. Transient failures are retried like API calls, through the transport's
+one runner; when the server supports ranges, a retry asks only for the bytes still
+missing. An answer whose ``Content-Type`` says it is not a video (a captive portal's or
+a CDN's HTML error page sent with 200) is such a transient failure, never a file.
 """
 
 from __future__ import annotations
@@ -28,11 +30,17 @@ from kling_async._hooks import call_back
 from kling_async._models import Task, Video, is_http_url
 from kling_async._transport import Transport, connection_error
 from kling_async._types import OnDownloadProgress as OnProgress
-from kling_async.errors import APIConnectionError, ValidationError
+from kling_async.errors import APIConnectionError, ResponseFormatError, ValidationError
 
 CHUNK_SIZE: Final = 64 * 1024
 #: File names are cut to this many characters (most file systems allow 255 bytes).
 MAX_NAME_LENGTH: Final = 200
+
+#: Besides ``video/*``: the types a CDN sends for a file it knows nothing about, and MP4's
+#: own. No Content-Type at all counts as ``application/octet-stream`` (RFC 9110, 8.3).
+BINARY_TYPES: Final = frozenset(
+    {"application/octet-stream", "binary/octet-stream", "application/mp4"}
+)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
@@ -68,6 +76,9 @@ async def download(
         FileExistsError: the file exists and `overwrite` is False.
         NotFoundError: the server answered 404 (the result may have expired after 30 days).
         APIStatusError: any other error status (5xx and 429 are retried first).
+        ResponseFormatError: every try was answered with something that is not a video
+            (``text/html`` from a proxy, say); the `Content-Type`s accepted are
+            ``video/*``, `BINARY_TYPES` and none at all.
         APIConnectionError: the connection failed or the body was cut short, after retries.
         OSError: writing the file failed.
     """
@@ -261,6 +272,9 @@ class _Fetch:
         self, response: aiohttp.ClientResponse, part: _PartFile, *, resuming: bool
     ) -> None:
         status = response.status
+        if status in (200, 206):
+            # Before touching the part file: a proxy's page must not cost the bytes we have.
+            _check_content_type(response, self._shown)
         if resuming and status == 206:
             start, total = _content_range(response.headers.get("Content-Range"))
             if start != part.size:
@@ -299,6 +313,18 @@ class _Fetch:
 
     def _error(self, kind: type[APIConnectionError], message: str) -> APIConnectionError:
         return kind(message, method="GET", path=self._shown)
+
+
+def _check_content_type(response: aiohttp.ClientResponse, shown: str) -> None:
+    media = response.content_type.strip().lower()  # no header: application/octet-stream
+    if media.startswith("video/") or media in BINARY_TYPES:
+        return
+    # No path: "not the answer we expect at all", which the protocol retries.
+    raise ResponseFormatError(
+        f"download failed: GET {shown} answered {media[:80]!r}, not a video "
+        "(a proxy's or a CDN's error page?)",
+        status=response.status,
+    )
 
 
 def _is_identity(response: aiohttp.ClientResponse) -> bool:

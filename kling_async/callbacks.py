@@ -13,10 +13,15 @@ from kling_async.callbacks import CallbackReceiver
 
 receiver = CallbackReceiver(url="https://example.com/kling/callback")
 app = web.Application()
-receiver.add_to(app)  # POST /kling/callback
+app.router.add_post("/kling/callback", receiver)  # or receiver.add_to(app)
 ...
 done = await kling.extend_and_wait(request, callbacks=receiver)
 ```
+
+The signature check and the parsing are a pure function, `parse_callback` (or a
+`CallbackVerifier` kept for one secret), for other web frameworks: read the raw body
+and the headers, call it, answer 401 on `InvalidSignatureError` and 400 on
+`ResponseFormatError`.
 
 `wait_for_task(..., callbacks=receiver)` keeps polling (more slowly) alongside, so a
 lost callback never loses a task.
@@ -27,27 +32,35 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import inspect
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+import sys
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from aiohttp import web
-from standardwebhooks.webhooks import Webhook
 
 from kling_async._config import is_int_in, is_text
-from kling_async._converter import parse_callback
 from kling_async._deadlines import within
 from kling_async._hooks import call_back
 from kling_async._models import Task, is_http_url
+from kling_async._types import OnUpdate
+from kling_async._webhooks import CallbackVerifier, InvalidSignatureError, parse_callback
 from kling_async.errors import ConfigurationError, ResponseFormatError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["CallbackReceiver", "TaskSubscription"]
+__all__ = [
+    "CallbackReceiver",
+    "CallbackVerifier",
+    "InvalidSignatureError",
+    "TaskSubscription",
+    "parse_callback",
+]
 
 logger = logging.getLogger("kling_async")
 
@@ -56,13 +69,10 @@ SECRET_ENV: Final = "KLING_WEBHOOK_SECRET"  # noqa: S105 (a variable name, not a
 #: Updates a subscription holds before it drops the oldest (only the newest matter).
 SUBSCRIPTION_QUEUE_SIZE: Final = 64
 
-_SIGNATURE_HEADERS: Final = ("webhook-id", "webhook-timestamp", "webhook-signature")
-#: The newer format's statuses that differ from the legacy ones.
-_NEW_STATUSES: Final = {"succeeded": "succeed"}
 _READ_CHUNK: Final = 64 * 1024
 
-#: A hook told about every delivered task: sync or async.
-OnTask = Callable[[Task], "Awaitable[None] | None"]
+#: A hook told about every delivered task: sync or async (the same type as `on_update`).
+OnTask = OnUpdate
 
 
 class _BodyTooLarge(Exception):
@@ -134,7 +144,10 @@ class TaskSubscription:
 
 
 class CallbackReceiver:
-    """Receives Kling's task callbacks: mount `handle` in your aiohttp app, or `serve` it.
+    """Receives Kling's task callbacks: an aiohttp handler to mount, or to `serve` alone.
+
+    The receiver itself is the handler: ``app.router.add_post(path, receiver)``;
+    `add_to` does that for its `path`, and `handle` is the same handler by name.
 
     Args:
         secret: the webhook signing secret (``whsec_...``). When None, read from
@@ -166,7 +179,7 @@ class CallbackReceiver:
         remember_ids: int = 10_000,
         on_task: OnTask | None = None,
     ) -> None:
-        self._webhook = _make_webhook(secret)
+        self._verifier = _verifier_for(secret)
         if url is not None and not is_http_url(url):
             raise ConfigurationError("url must be an absolute http(s) URL")
         if not is_text(path) or not path.startswith("/"):
@@ -185,6 +198,7 @@ class CallbackReceiver:
         self._seen_ids: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._latest: collections.OrderedDict[str, Task] = collections.OrderedDict()
         self._subscriptions: dict[str, set[TaskSubscription]] = {}
+        _mark_as_handler(self)
 
     def __repr__(self) -> str:
         mode = "verifying signatures" if self.verifies_signatures else "unsigned"
@@ -194,7 +208,7 @@ class CallbackReceiver:
     @property
     def verifies_signatures(self) -> bool:
         """True when a secret is set and every callback's signature is checked."""
-        return self._webhook is not None
+        return self._verifier.verifies_signatures
 
     @property
     def url(self) -> str:
@@ -215,8 +229,8 @@ class CallbackReceiver:
     # -- mounting ----------------------------------------------------------------------
 
     def add_to(self, app: web.Application) -> None:
-        """Mount `handle` on ``POST`` `path` of an aiohttp application."""
-        app.router.add_post(self.path, self.handle)
+        """Mount the receiver on ``POST`` `path` of an aiohttp application."""
+        app.router.add_post(self.path, self)
 
     @contextlib.asynccontextmanager
     async def serve(self, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
@@ -245,42 +259,33 @@ class CallbackReceiver:
 
     # -- the handler -------------------------------------------------------------------
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def __call__(self, request: web.Request) -> web.Response:
         """The aiohttp handler for Kling's POSTs.
 
         Answers 413 to a body over `max_body_size`, 401 to a missing or bad signature
-        (when a secret is set), 200 to a ``webhook-id`` already delivered (without
-        delivering it again), 400 to a body that is not a task, 500 when ``on_task``
-        raised, and 200 ``{"ok": true}`` once the task is delivered.
+        (when a secret is set), 400 to a body that is not a task, 200 to a
+        ``webhook-id`` already delivered (without delivering it again), 500 when
+        ``on_task`` raised, and 200 ``{"ok": true}`` once the task is delivered.
         """
         try:
             body = await self._read_body(request)
         except _BodyTooLarge:
             logger.warning("callback rejected: body over %d bytes", self.max_body_size)
             return _answer(413, "body too large", close=True)
-        if self._webhook is not None:
-            headers = {name: request.headers.get(name, "") for name in _SIGNATURE_HEADERS}
-            # The library splits on single spaces and unpacks "version,signature" pairs,
-            # so stray spaces or a comma-less entry would hide a valid signature.
-            headers["webhook-signature"] = " ".join(
-                part for part in headers["webhook-signature"].split() if "," in part
-            )
-            try:
-                self._webhook.verify(body, headers, json_parse=False)
-            except Exception:  # any failure, including the library's crashes on garbage
-                logger.warning("callback rejected: missing or invalid webhook signature")
-                return _answer(401, "invalid signature")
+        try:
+            task = self._verifier.parse(body, request.headers)
+        except InvalidSignatureError:
+            logger.warning("callback rejected: missing or invalid webhook signature")
+            return _answer(401, "invalid signature")
+        except ResponseFormatError as error:
+            logger.warning("callback rejected: %s", error)
+            return _answer(400, str(error))
         message_id = request.headers.get("webhook-id") or None
         if message_id is not None and message_id in self._seen_ids:
             self._seen_ids.move_to_end(message_id)
             logger.info("callback %r already delivered; not delivering it again", message_id)
             return _answer(200, None, duplicate=True)
-        try:
-            task = _parse_callback(body)
-        except ResponseFormatError as error:
-            logger.warning("callback rejected: %s", error)
-            return _answer(400, str(error))
-        # Nothing above awaited since the duplicate check, so two copies cannot race.
+        # Nothing awaited since the duplicate check, so two copies cannot race.
         if message_id is not None:
             self._remember_id(message_id)
         self._deliver(task)
@@ -292,6 +297,10 @@ class CallbackReceiver:
                 self._seen_ids.pop(message_id, None)  # let the sender's retry through
             return _answer(500, "on_task failed")
         return _answer(200, None)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """The same handler as the receiver itself (``add_post(path, receiver.handle)``)."""
+        return await self(request)
 
     async def _read_body(self, request: web.Request) -> bytes:
         announced = request.content_length
@@ -354,19 +363,6 @@ class CallbackReceiver:
             self._latest.popitem(last=False)
 
 
-def _parse_callback(body: bytes) -> Task:
-    """A `Task` from a callback body in either format (legacy task object, or newer).
-
-    Raises:
-        ResponseFormatError: not JSON, not an object, or not a task (the path is named).
-    """
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise ResponseFormatError("callback body is not JSON", path="body") from None
-    return parse_callback(data)
-
-
 def _is_newer(task: Task, known: Task) -> bool:
     # Callbacks can arrive out of order: a finished state is never replaced by an
     # unfinished one, and an older `updated_at` never replaces a newer one.
@@ -393,22 +389,28 @@ def _answer(
     return response
 
 
-def _make_webhook(secret: str | None) -> Webhook | None:
-    source = "secret"
-    if secret is None:
-        secret = os.environ.get(SECRET_ENV) or None
-        source = SECRET_ENV
-        if secret is None:
-            return None
-    if not is_text(secret):
-        raise ConfigurationError(
-            f"{source} must be a non-empty webhook secret (whsec_...); pass secret=None "
-            f"and leave {SECRET_ENV} unset to accept unsigned callbacks"
-        )
+def _verifier_for(secret: str | None) -> CallbackVerifier:
+    if secret is not None:
+        return CallbackVerifier(secret)
+    from_env = os.environ.get(SECRET_ENV) or None
     try:
-        return Webhook(secret)
-    except Exception:  # the library raises several kinds; none may echo the secret
+        return CallbackVerifier(from_env)
+    except ConfigurationError:
         raise ConfigurationError(
-            f"{source} is not a valid webhook secret (expected whsec_ followed by base64); "
-            f"check secret= or {SECRET_ENV}"
+            f"{SECRET_ENV} is not a valid webhook secret (expected whsec_ followed by "
+            f"base64); fix it, or leave it unset to accept unsigned callbacks"
         ) from None
+
+
+def _mark_as_handler(receiver: CallbackReceiver) -> None:
+    """Let aiohttp see the receiver as the coroutine function its `__call__` is.
+
+    aiohttp accepts a handler only if `inspect.iscoroutinefunction` (or, before 3.14,
+    `asyncio.iscoroutinefunction`) says so; anything else is wrapped with a
+    DeprecationWarning. Neither looks at an instance's ``async def __call__``, so the
+    instance carries the marker each of them reads (the way asgiref marks callables).
+    """
+    if sys.version_info >= (3, 12):
+        inspect.markcoroutinefunction(receiver)
+    else:
+        receiver._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta, timezone
@@ -13,11 +15,26 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
-from kling_async import ConfigurationError, ExtendRequest, KlingClient, PollPolicy, Task
+import kling_async
+from kling_async import (
+    ConfigurationError,
+    ExtendRequest,
+    KlingClient,
+    KlingError,
+    PollPolicy,
+    ResponseFormatError,
+    Task,
+)
 from kling_async import TaskStatus as Status
-from kling_async.callbacks import CallbackReceiver
+from kling_async.callbacks import (
+    CallbackReceiver,
+    CallbackVerifier,
+    InvalidSignatureError,
+    parse_callback,
+)
 from kling_async.testing import Simulator
 
 SAMPLES = Path(__file__).parent / "samples"
@@ -81,25 +98,25 @@ async def test_valid_signature_delivers_the_task(
     assert receiver.latest("828006748715380777") == task
 
 
-@pytest.mark.parametrize(
-    "headers",
-    [
-        pytest.param(signed(LEGACY.replace(b"succeed", b"failed")), id="tampered-body"),
-        pytest.param(
-            signed(LEGACY, when=datetime.now(timezone.utc) - timedelta(minutes=10)), id="stale"
-        ),
-        pytest.param(
-            signed(LEGACY, when=datetime.now(timezone.utc) + timedelta(minutes=10)), id="future"
-        ),
-        pytest.param({"Content-Type": "application/json"}, id="unsigned"),
-        pytest.param(signed(LEGACY, secret=OTHER_SECRET), id="wrong-key"),
-        pytest.param({**signed(LEGACY), "webhook-signature": "garbage"}, id="no-comma"),
-        pytest.param({**signed(LEGACY), "webhook-signature": "v1,abc"}, id="bad-base64"),
-        pytest.param({**signed(LEGACY), "webhook-timestamp": "soon"}, id="timestamp-text"),
-        pytest.param({**signed(LEGACY), "webhook-timestamp": "nan"}, id="timestamp-nan"),
-        pytest.param({**signed(LEGACY), "webhook-id": ""}, id="empty-id"),
-    ],
-)
+BAD_HEADERS = [
+    pytest.param(signed(LEGACY.replace(b"succeed", b"failed")), id="tampered-body"),
+    pytest.param(
+        signed(LEGACY, when=datetime.now(timezone.utc) - timedelta(minutes=10)), id="stale"
+    ),
+    pytest.param(
+        signed(LEGACY, when=datetime.now(timezone.utc) + timedelta(minutes=10)), id="future"
+    ),
+    pytest.param({"Content-Type": "application/json"}, id="unsigned"),
+    pytest.param(signed(LEGACY, secret=OTHER_SECRET), id="wrong-key"),
+    pytest.param({**signed(LEGACY), "webhook-signature": "garbage"}, id="no-comma"),
+    pytest.param({**signed(LEGACY), "webhook-signature": "v1,abc"}, id="bad-base64"),
+    pytest.param({**signed(LEGACY), "webhook-timestamp": "soon"}, id="timestamp-text"),
+    pytest.param({**signed(LEGACY), "webhook-timestamp": "nan"}, id="timestamp-nan"),
+    pytest.param({**signed(LEGACY), "webhook-id": ""}, id="empty-id"),
+]
+
+
+@pytest.mark.parametrize("headers", BAD_HEADERS)
 async def test_bad_signatures_are_401_and_deliver_nothing(
     receiver: CallbackReceiver, http: aiohttp.ClientSession, headers: dict[str, str]
 ) -> None:
@@ -336,17 +353,48 @@ async def test_url_comes_from_the_argument_or_the_served_address() -> None:
         assert given.url == "https://example.com/hook" != served
 
 
-async def test_mounted_in_a_users_app(http: aiohttp.ClientSession) -> None:
-    from aiohttp import web
-    from aiohttp.test_utils import TestServer
+@contextlib.asynccontextmanager
+async def users_app(app: web.Application) -> AsyncIterator[str]:
+    """A user's own aiohttp app, served on 127.0.0.1; yields its base URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
-    receiver = CallbackReceiver(path="/hooks/kling")
+
+def mount(receiver: CallbackReceiver, how: str) -> web.Application:
     app = web.Application()
-    receiver.add_to(app)
-    async with TestServer(app, host="127.0.0.1") as server:
-        status, _ = await post(http, str(server.make_url("/hooks/kling")), NEW)
-    assert status == 200
-    assert receiver.latest("913827032734642185") is not None
+    if how == "add_post(path, receiver)":  # the contract's own line
+        app.router.add_post("/hooks/kling", receiver)
+    elif how == "add_post(path, receiver.handle)":
+        app.router.add_post("/hooks/kling", receiver.handle)
+    else:
+        receiver.add_to(app)
+    return app
+
+
+@pytest.mark.parametrize(
+    "how", ["add_post(path, receiver)", "add_post(path, receiver.handle)", "add_to(app)"]
+)
+@pytest.mark.parametrize("signing", ["signed", "unsigned"])
+async def test_mounted_in_a_users_app(http: aiohttp.ClientSession, how: str, signing: str) -> None:
+    receiver = CallbackReceiver(SECRET if signing == "signed" else None, path="/hooks/kling")
+    headers = signed(NEW) if signing == "signed" else {"Content-Type": "application/json"}
+    async with users_app(mount(receiver, how)) as base:
+        url = f"{base}/hooks/kling"
+        with receiver.subscribe("913827032734642185") as subscription:
+            assert await post(http, url, NEW, headers) == (200, {"ok": True})
+            task = await subscription.next(WAIT)
+        assert task is not None
+        assert task.succeeded
+        if signing == "signed":  # the check runs however the receiver is mounted
+            forged = {**headers, "webhook-signature": "v1,AAAA"}
+            assert (await post(http, url, NEW, forged))[0] == 401
+        assert (await post(http, url, b"{not json"))[0] == (401 if signing == "signed" else 400)
 
 
 # -- delivery ---------------------------------------------------------------------------
@@ -444,6 +492,107 @@ async def test_a_slow_subscriber_keeps_only_the_newest_updates(
         first = await subscription.next(0)
         assert first is not None
         assert first.updated_at == datetime.fromtimestamp(0.003, tz=timezone.utc)
+
+
+# -- the pure function, without aiohttp -------------------------------------------------
+
+
+def title_case(headers: dict[str, str]) -> dict[str, str]:
+    """Headers as a plain dict spelled the way some frameworks hand them over."""
+    return {name.title(): value for name, value in headers.items()}
+
+
+def test_parse_callback_reads_a_signed_callback_without_a_server() -> None:
+    task = parse_callback(LEGACY, title_case(signed(LEGACY)), secret=SECRET)
+    assert (task.task_id, task.status) == ("828006748715380777", Status.SUCCEED)
+    assert task.videos[0].id == "828006748715380778"
+    # The same task the handler delivers: one parser behind both.
+    assert parse_callback(NEW, signed(NEW), secret=SECRET).task_id == "913827032734642185"
+
+
+@pytest.mark.parametrize("headers", BAD_HEADERS)
+def test_parse_callback_bad_signatures(headers: dict[str, str]) -> None:
+    with pytest.raises(InvalidSignatureError) as caught:
+        parse_callback(LEGACY, headers, secret=SECRET)
+    assert isinstance(caught.value, KlingError)
+    assert not isinstance(caught.value, ResponseFormatError)  # 401, not 400
+    assert SECRET.removeprefix("whsec_") not in str(caught.value)
+    assert caught.value.__cause__ is None
+    assert caught.value.__suppress_context__
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        (b"{not json", "body"),
+        (b"[1, 2]", "body"),
+        (b'{"hello": "world"}', "body"),
+        (b'{"task_id": 5, "task_status": "succeed"}', "body.task_id"),
+    ],
+)
+@pytest.mark.parametrize("secret", [SECRET, None])
+def test_parse_callback_malformed_bodies(body: bytes, where: str, secret: str | None) -> None:
+    with pytest.raises(ResponseFormatError) as caught:
+        parse_callback(body, signed(body), secret=secret)
+    assert not isinstance(caught.value, InvalidSignatureError)
+    assert where in str(caught.value)
+
+
+def test_parse_callback_checks_the_signature_before_reading_the_body() -> None:
+    # An unsigned, malformed body says nothing about its shape to an unauthenticated sender.
+    with pytest.raises(InvalidSignatureError):
+        parse_callback(b"{not json", {}, secret=SECRET)
+
+
+def test_parse_callback_without_a_secret_verifies_nothing() -> None:
+    assert parse_callback(LEGACY, {}, secret=None).succeeded
+    with pytest.raises(TypeError):
+        parse_callback(LEGACY, {})  # type: ignore[call-arg]  # the choice must be explicit
+
+
+def test_a_verifier_is_kept_for_one_secret() -> None:
+    verifier = CallbackVerifier(SECRET)
+    assert verifier.verifies_signatures
+    assert SECRET.removeprefix("whsec_") not in repr(verifier)
+    for n in range(3):
+        headers = signed(LEGACY, msg_id=f"m{n}")
+        verifier.verify(LEGACY, headers)
+        assert verifier.parse(LEGACY, headers).succeeded
+    with pytest.raises(InvalidSignatureError):
+        verifier.verify(LEGACY, signed(LEGACY, secret=OTHER_SECRET))
+    assert not CallbackVerifier(None).verifies_signatures
+    CallbackVerifier(None).verify(b"anything", {})  # nothing to check
+
+
+@pytest.mark.parametrize("bad", [BAD_SECRET, "whsec_", "   "])
+def test_a_verifier_refuses_a_bad_secret(bad: str) -> None:
+    with pytest.raises(ConfigurationError, match="secret") as caught:
+        CallbackVerifier(bad)
+    assert BAD_SECRET.removeprefix("whsec_") not in str(caught.value)
+
+
+def test_the_pure_part_imports_no_aiohttp() -> None:
+    """kling_async._webhooks and what it imports of ours never import aiohttp."""
+    package = Path(kling_async.__file__).parent
+    todo, seen = ["_webhooks"], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        tree = ast.parse((package / f"{name}.py").read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module is not None:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                assert not module.startswith("aiohttp"), f"{name} imports {module}"
+                if module.startswith("kling_async."):
+                    todo.append(module.removeprefix("kling_async."))
+    assert {"_webhooks", "_converter", "_models", "errors"} <= seen
 
 
 # -- with the client and the simulator --------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import stat
 from collections.abc import AsyncIterator
@@ -15,13 +16,13 @@ from kling_async import (
     APITimeoutError,
     KlingClient,
     NotFoundError,
+    ResponseFormatError,
     ServerError,
     Task,
     TaskStatus,
     ValidationError,
     Video,
 )
-from kling_async._download import download, safe_file_name
 from kling_async.testing import Simulator
 from kling_async.testing._files import file_bytes
 
@@ -61,7 +62,7 @@ def file_requests(sim: Simulator) -> list[dict[str, str]]:
 async def test_into_a_directory(
     kling: KlingClient, sim: Simulator, done: Task, tmp_path: Path
 ) -> None:
-    path = await download(kling._transport, done, tmp_path)
+    path = await kling.download(done, tmp_path)
     assert path == tmp_path / f"{done.videos[0].id}.mp4"
     assert path.read_bytes() == expected(done)
     assert os.listdir(tmp_path) == [path.name]  # no .part left behind
@@ -75,7 +76,7 @@ async def test_to_a_file_path_and_a_video(
     kling: KlingClient, sim: Simulator, done: Task, tmp_path: Path
 ) -> None:
     target = tmp_path / "mine.mp4"
-    path = await download(kling._transport, done.videos[0], str(target))
+    path = await kling.download(done.videos[0], str(target))
     assert path == target
     assert target.read_bytes() == expected(done)
 
@@ -83,7 +84,7 @@ async def test_to_a_file_path_and_a_video(
 async def test_no_authorization_header_reaches_the_files_server(
     kling: KlingClient, sim: Simulator, done: Task, tmp_path: Path
 ) -> None:
-    await download(kling._transport, done, tmp_path)
+    await kling.download(done, tmp_path)
     seen = file_requests(sim)
     assert seen
     assert all("authorization" not in headers for headers in seen)
@@ -101,7 +102,7 @@ async def test_a_session_with_default_credentials_is_not_used_for_the_cdn(
     ):
         task = await kling.extend_video("743211632612511839", "go on")
         done = await kling.wait_for_task(task.task_id, timeout=5)
-        await download(kling._transport, done, tmp_path)
+        await kling.download(done, tmp_path)
         assert not session.closed
     assert all("authorization" not in headers for headers in file_requests(sim))
 
@@ -110,9 +111,7 @@ async def test_progress_is_monotonic_and_ends_at_the_total(
     kling: KlingClient, done: Task, tmp_path: Path
 ) -> None:
     sync_calls: list[tuple[int, int | None]] = []
-    await download(
-        kling._transport, done, tmp_path, on_progress=lambda n, t: sync_calls.append((n, t))
-    )
+    await kling.download(done, tmp_path, on_progress=lambda n, t: sync_calls.append((n, t)))
     assert len(sync_calls) >= 2
     assert [n for n, _ in sync_calls] == sorted(n for n, _ in sync_calls)
     assert {t for _, t in sync_calls} == {FILE_SIZE}
@@ -123,7 +122,7 @@ async def test_progress_is_monotonic_and_ends_at_the_total(
     async def record(n: int, total: int | None) -> None:
         async_calls.append(n)
 
-    await download(kling._transport, done, tmp_path, overwrite=True, on_progress=record)
+    await kling.download(done, tmp_path, overwrite=True, on_progress=record)
     assert async_calls[-1] == FILE_SIZE
 
 
@@ -131,10 +130,10 @@ async def test_overwrite(kling: KlingClient, done: Task, tmp_path: Path) -> None
     target = tmp_path / f"{done.videos[0].id}.mp4"
     target.write_bytes(b"old")
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        await download(kling._transport, done, tmp_path)
+        await kling.download(done, tmp_path)
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == [target.name]
-    await download(kling._transport, done, tmp_path, overwrite=True)
+    await kling.download(done, tmp_path, overwrite=True)
     assert target.read_bytes() == expected(done)
 
 
@@ -142,7 +141,7 @@ async def test_a_cut_body_leaves_no_file(sim: Simulator, done: Task, tmp_path: P
     async with KlingClient(api_key="sim-api-key", base_url=sim.base_url, max_retries=0) as kling:
         sim.inject("short_body", on="files")
         with pytest.raises(APIConnectionError) as caught:
-            await download(kling._transport, done, tmp_path)
+            await kling.download(done, tmp_path)
     assert os.listdir(tmp_path) == []
     assert "GET http://" in str(caught.value)
 
@@ -152,9 +151,7 @@ async def test_a_retry_resumes_with_a_range(
 ) -> None:
     sim.inject("short_body", on="files")
     progress: list[int] = []
-    path = await download(
-        kling._transport, done, tmp_path, on_progress=lambda n, t: progress.append(n)
-    )
+    path = await kling.download(done, tmp_path, on_progress=lambda n, t: progress.append(n))
     assert path.read_bytes() == expected(done)
     first, second = file_requests(sim)
     assert "range" not in first
@@ -167,11 +164,11 @@ async def test_a_retry_resumes_with_a_range(
 async def test_server_errors_are_retried(sim: Simulator, done: Task, tmp_path: Path) -> None:
     async with KlingClient(api_key="sim-api-key", base_url=sim.base_url, max_retries=1) as kling:
         sim.inject("503", on="files")
-        path = await download(kling._transport, done, tmp_path)
+        path = await kling.download(done, tmp_path)
         assert path.read_bytes() == expected(done)
         sim.inject("500", on="files", times=2)
         with pytest.raises(ServerError):
-            await download(kling._transport, done, tmp_path, overwrite=True)
+            await kling.download(done, tmp_path, overwrite=True)
     assert os.listdir(tmp_path) == [path.name]
     assert len(file_requests(sim)) == 4
 
@@ -179,7 +176,7 @@ async def test_server_errors_are_retried(sim: Simulator, done: Task, tmp_path: P
 async def test_not_found(kling: KlingClient, sim: Simulator, tmp_path: Path) -> None:
     gone = Video(id="123", url=sim.video_url("no-such-video"), duration=5.0)
     with pytest.raises(NotFoundError) as caught:
-        await download(kling._transport, gone, tmp_path)
+        await kling.download(gone, tmp_path)
     assert caught.value.status == 404
     assert len(file_requests(sim)) == 1  # not retried
     assert os.listdir(tmp_path) == []
@@ -191,7 +188,7 @@ async def test_a_hostile_id_stays_inside_dest(
     dest = tmp_path / "a" / "b"
     dest.mkdir(parents=True)
     hostile = Video(id="../../etc/x", url=done.videos[0].url, duration=5.0)
-    path = await download(kling._transport, hostile, dest)
+    path = await kling.download(hostile, dest)
     assert path.parent == dest.resolve()
     assert path.name == "_.._etc_x.mp4"
     assert os.listdir(tmp_path) == ["a"]
@@ -206,7 +203,7 @@ async def test_a_symlink_under_dest_cannot_redirect_the_write(
     elsewhere.mkdir()
     (dest / f"{done.videos[0].id}.mp4").symlink_to(elsewhere / "target.mp4")
     with pytest.raises(ValidationError, match="outside dest"):
-        await download(kling._transport, done, dest, overwrite=True)
+        await kling.download(done, dest, overwrite=True)
     assert os.listdir(elsewhere) == []
 
 
@@ -222,8 +219,13 @@ async def test_a_symlink_under_dest_cannot_redirect_the_write(
         ("x" * 300, "x" * 200),
     ],
 )
-def test_safe_file_name(video_id: str, name: str) -> None:
-    assert safe_file_name(video_id) == name
+async def test_file_names_are_made_safe(
+    kling: KlingClient, done: Task, tmp_path: Path, video_id: str, name: str
+) -> None:
+    video = Video(id=video_id, url=done.videos[0].url, duration=5.0)
+    path = await kling.download(video, tmp_path)
+    assert path.name == f"{name}.mp4"
+    assert os.listdir(tmp_path) == [path.name]
 
 
 async def test_cancelling_leaves_no_file(kling: KlingClient, done: Task, tmp_path: Path) -> None:
@@ -234,9 +236,7 @@ async def test_cancelling_leaves_no_file(kling: KlingClient, done: Task, tmp_pat
             started.set()
             await asyncio.Event().wait()  # until cancelled
 
-    downloading = asyncio.ensure_future(
-        download(kling._transport, done, tmp_path, on_progress=stall)
-    )
+    downloading = asyncio.ensure_future(kling.download(done, tmp_path, on_progress=stall))
     await asyncio.wait_for(started.wait(), 5)
     assert len(os.listdir(tmp_path)) == 1  # the .part file
     downloading.cancel()
@@ -246,23 +246,22 @@ async def test_cancelling_leaves_no_file(kling: KlingClient, done: Task, tmp_pat
 
 
 async def test_bad_arguments(kling: KlingClient, done: Task, tmp_path: Path) -> None:
-    transport = kling._transport
     unfinished = Task(task_id="t1", status=TaskStatus.PROCESSING, raw_status="processing")
     with pytest.raises(
         ValidationError, match=r"task_or_video: task has no result video \(status processing\)"
     ):
-        await download(transport, unfinished, tmp_path)
+        await kling.download(unfinished, tmp_path)
     with pytest.raises(ValidationError, match="task_or_video"):
-        await download(transport, "828006748715380778", tmp_path)  # type: ignore[arg-type]
+        await kling.download("828006748715380778", tmp_path)  # type: ignore[arg-type]
     for url in ("file:///etc/passwd", "ftp://cdn/x.mp4", "not a url", "http://"):
         with pytest.raises(ValidationError, match="http"):
-            await download(transport, Video(id="v", url=url, duration=1.0), tmp_path)
+            await kling.download(Video(id="v", url=url, duration=1.0), tmp_path)
     with pytest.raises(ValidationError, match="parent directory"):
-        await download(transport, done, tmp_path / "missing" / "x.mp4")
+        await kling.download(done, tmp_path / "missing" / "x.mp4")
     with pytest.raises(ValidationError, match="directory does not exist"):
-        await download(transport, done, f"{tmp_path / 'missing'}/")
+        await kling.download(done, f"{tmp_path / 'missing'}/")
     with pytest.raises(ValidationError, match="dest"):
-        await download(transport, done, 42)  # type: ignore[arg-type]
+        await kling.download(done, 42)  # type: ignore[arg-type]
     assert os.listdir(tmp_path) == []
 
 
@@ -274,13 +273,124 @@ async def test_connection_failures_become_our_errors(
     ) as kling:
         sim.inject("slow", on="files", delay=2.0)
         with pytest.raises(APITimeoutError):
-            await download(kling._transport, done, tmp_path)
+            await kling.download(done, tmp_path)
         # aiohttp itself re-sends once when a reused keep-alive connection drops.
         sim.inject("drop_before", on="files", times=2)
         with pytest.raises(APIConnectionError, match="connection failed"):
-            await download(kling._transport, done, tmp_path)
+            await kling.download(done, tmp_path)
         refused = Video(id="v", url="http://127.0.0.1:1/v.mp4", duration=1.0)
         with pytest.raises(APIConnectionError, match="could not connect") as caught:
-            await download(kling._transport, refused, tmp_path)
+            await kling.download(refused, tmp_path)
         assert caught.value.sent is False
     assert os.listdir(tmp_path) == []
+
+
+# -- answers that are not a video -------------------------------------------------------
+
+
+async def test_a_proxy_page_is_retried_not_saved(
+    kling: KlingClient, sim: Simulator, done: Task, tmp_path: Path
+) -> None:
+    sim.inject("html", on="files")  # 200 text/html: a captive portal, a CDN's error page
+    path = await kling.download(done, tmp_path)
+    assert path.read_bytes() == expected(done)
+    assert len(file_requests(sim)) == 2
+    assert os.listdir(tmp_path) == [path.name]
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+async def test_a_proxy_page_never_replaces_a_file(
+    kling: KlingClient, sim: Simulator, done: Task, tmp_path: Path, overwrite: bool
+) -> None:
+    target = tmp_path / f"{done.videos[0].id}.mp4"
+    target.write_bytes(b"the user's own file")
+    sim.inject("html", on="files", times=3)  # every try of max_retries=2
+    if overwrite:
+        with pytest.raises(ResponseFormatError, match="text/html") as caught:
+            await kling.download(done, tmp_path, overwrite=True)
+        assert caught.value.status == 200
+        assert len(file_requests(sim)) == 3  # retried as a transient fault
+    else:
+        with pytest.raises(FileExistsError):
+            await kling.download(done, tmp_path)
+        assert file_requests(sim) == []
+    assert target.read_bytes() == b"the user's own file"
+    assert os.listdir(tmp_path) == [target.name]
+
+
+async def test_a_proxy_page_leaves_no_new_file(
+    kling: KlingClient, sim: Simulator, done: Task, tmp_path: Path
+) -> None:
+    sim.inject("html", on="files", times=3)
+    with pytest.raises(ResponseFormatError):
+        await kling.download(done, tmp_path / "new.mp4")
+    assert os.listdir(tmp_path) == []
+
+
+async def test_a_proxy_page_on_a_resume_keeps_the_bytes_already_there(
+    kling: KlingClient, sim: Simulator, done: Task, tmp_path: Path
+) -> None:
+    sim.inject("short_body", on="files")
+    sim.inject("html", on="files")
+    progress: list[int] = []
+    path = await kling.download(done, tmp_path, on_progress=lambda n, t: progress.append(n))
+    assert path.read_bytes() == expected(done)
+    first, page, last = file_requests(sim)
+    assert "range" not in first
+    assert page["range"] == last["range"] != "bytes=0-"  # resumed from the same byte
+    assert progress == sorted(progress)
+
+
+async def serve_raw(answer: bytes) -> tuple[asyncio.Server, str]:
+    """A bare HTTP server on 127.0.0.1 that sends `answer` (headers as given, nothing
+    added: aiohttp's server would add a Content-Type) to every request."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}/v.mp4?sig=secret-token"
+
+
+BODY = b"\x00\x00\x00\x18ftypmp42" * 100
+
+
+@pytest.mark.parametrize(
+    ("content_type", "accepted"),
+    [
+        ("video/mp4", True),
+        ("Video/MP4; codecs=avc1", True),
+        ("video/quicktime", True),
+        ("application/octet-stream", True),
+        ("binary/octet-stream", True),  # S3's default for an object stored without a type
+        ("application/mp4", True),
+        (None, True),  # no header at all: application/octet-stream (RFC 9110)
+        ("text/html; charset=utf-8", False),
+        ("text/plain", False),
+        ("application/json", False),
+        ("application/xml", False),
+        ("image/png", False),
+    ],
+)
+async def test_which_content_types_are_a_video(
+    sim: Simulator, tmp_path: Path, content_type: str | None, accepted: bool
+) -> None:
+    head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(BODY)}\r\nConnection: close\r\n"
+    if content_type is not None:
+        head += f"Content-Type: {content_type}\r\n"
+    server, url = await serve_raw(head.encode() + b"\r\n" + BODY)
+    async with server, KlingClient(api_key="k", base_url=sim.base_url, max_retries=0) as kling:
+        video = Video(id="v", url=url, duration=1.0)
+        if accepted:
+            path = await kling.download(video, tmp_path)
+            assert path.read_bytes() == BODY
+        else:
+            with pytest.raises(ResponseFormatError, match="not a video") as caught:
+                await kling.download(video, tmp_path)
+            assert "secret-token" not in str(caught.value)
+            assert os.listdir(tmp_path) == []
