@@ -224,7 +224,7 @@ class Batch:
     async def run(self) -> AsyncIterator[BatchResult]:
         """Yield one result per input item, in completion order."""
         if self._journal_path is not None:
-            self._journal = await Journal.open(self._journal_path)
+            self._journal = await Journal.open(self._journal_path, service=self._client.base_url)
         workers = [asyncio.ensure_future(self._worker()) for _ in range(self._concurrency)]
         try:
             running = len(workers)
