@@ -1,23 +1,29 @@
 """Benchmarks: kling_async against raw aiohttp doing the same work, reported as ratios.
 
 Run with ``nox -s bench`` (or ``python bench/run.py``). The simulator runs in a separate
-process (``python -m kling_async.testing``) so that its CPU is not ours.
+process (``python -m kling_async.testing``) so that its CPU is not ours; each comparison
+runs both sides in the same run, against the same simulator process, in alternating order.
 
-1. Creates per second with ``extend_many(wait=False)``: N items at concurrency 64,
+1. Client CPU per call (`per_call.py`): `get_task` and `extend`, one call at a time,
+   beside raw aiohttp + orjson, measured with `time.process_time` in this process.
+   Target: <= 1.10x raw.
+2. Creates per second with ``extend_many(wait=False)``: N items at concurrency 64,
    beside a hand-written aiohttp + semaphore loop sending the same POSTs (same headers,
-   same bodies, same timeouts, response read and parsed as JSON). Target: client >= 0.85x raw.
-2. Peak RSS of a fresh process running the same batch at 10,000 and at 100,000 items.
-   Target: growth <= 10 MB (memory stays flat in the input size).
+   same bodies, same timeouts, response read and parsed as JSON). Target: >= 0.90x raw.
+3. Import time (`imports.py`): ``import kling_async`` vs ``import aiohttp``, fresh
+   interpreters, median of many. Target: <= 1.10x.
+4. Peak RSS of a fresh process running the same batch at 10,000 and at 100,000 items
+   (``--rss-large 1000000`` for the issue's 1M). Target: growth <= 10 MB.
 
-Options: ``--items N`` (default 20000), ``--rounds R`` (default 5), ``--rss-small``,
-``--rss-large`` (defaults 10000 and 100000), ``--skip-rss``.
+Options: ``--items N`` (default 20000), ``--rounds R`` (default 5), ``--calls C`` (per
+call, default 2000), ``--import-reps K`` (default 40), ``--rss-small``, ``--rss-large``
+(defaults 10000 and 100000), ``--only {cpu,throughput,import,rss}`` (repeatable).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import resource
@@ -26,53 +32,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 
 import aiohttp
+import imports
 import orjson
+import per_call
+from server import CONCURRENCY, requests, simulator_process
 
 from kling_async import ExtendRequest, KlingClient
-
-CONCURRENCY = 64
-PROMPT = "延长动画效果，镜头缓慢推进"
-
-
-@contextlib.contextmanager
-def simulator_process() -> Iterator[tuple[str, str]]:
-    """Start the simulator in its own process; yield (base_url, api_key)."""
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kling_async.testing",
-            "--port",
-            "0",
-            "--submit-time",
-            "1",
-            "--processing-time",
-            "5",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert process.stdout is not None
-        values = {}
-        while len(values) < 3:
-            line = process.stdout.readline()
-            if not line:
-                raise RuntimeError("the simulator did not start")
-            key, _, value = line.strip().partition("=")
-            values[key] = value
-        yield values["KLING_BASE_URL"], values["KLING_API_KEY"]
-    finally:
-        process.terminate()
-        process.wait(10)
-
-
-def requests(n: int) -> Iterator[ExtendRequest]:
-    for i in range(n):
-        yield ExtendRequest(video_id=f"8280067487153{i:05d}", prompt=PROMPT, cfg_scale=0.5)
 
 
 async def raw_aiohttp(base_url: str, api_key: str, n: int) -> float:
@@ -145,25 +112,10 @@ def peak_rss(base_url: str, api_key: str, n: int) -> int:
     return int(out.strip().splitlines()[-1])
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, default=20_000)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--rss-small", type=int, default=10_000)
-    parser.add_argument("--rss-large", type=int, default=100_000)
-    parser.add_argument("--skip-rss", action="store_true")
-    parser.add_argument("--rss-child", nargs=3, metavar=("N", "BASE_URL", "API_KEY"))
-    args = parser.parse_args()
-    if args.rss_child:
-        n, base_url, api_key = args.rss_child
-        rss_child(base_url, api_key, int(n))
-        return 0
+Row = tuple[str, str, str, float, str, bool]
 
-    report: dict[str, object] = {
-        "items": args.items,
-        "concurrency": CONCURRENCY,
-        "cpus": os.cpu_count(),
-    }
+
+def _throughput(args: argparse.Namespace, report: dict[str, object]) -> Row:
     raw_rates: list[float] = []
     client_rates: list[float] = []
     for round_ in range(args.rounds):
@@ -175,43 +127,163 @@ def main() -> int:
                 rate = asyncio.run(run(base_url, api_key, args.items))
             (raw_rates if name == "raw" else client_rates).append(rate)
         print(
-            f"round {round_ + 1}: raw {raw_rates[-1]:.0f}/s, kling_async {client_rates[-1]:.0f}/s",
+            f"creates/s, round {round_ + 1}: raw {raw_rates[-1]:.0f}/s, "
+            f"kling_async {client_rates[-1]:.0f}/s",
             flush=True,
         )
     paired = statistics.median(c / r for c, r in zip(client_rates, raw_rates, strict=True))
-    best = max(client_rates) / max(raw_rates)
     report.update(
         raw_creates_per_s=round(statistics.median(raw_rates)),
         client_creates_per_s=round(statistics.median(client_rates)),
-        ratio_median_of_rounds=round(paired, 3),
-        ratio_best_to_best=round(best, 3),
-        ratio_target=0.85,
+        creates_ratio_median_of_rounds=round(paired, 3),
+        creates_ratio_best_to_best=round(max(client_rates) / max(raw_rates), 3),
+    )
+    return (
+        f"extend_many(wait=False), {args.items} items",
+        f"{statistics.median(client_rates):.0f}/s",
+        f"{statistics.median(raw_rates):.0f}/s",
+        paired,
+        ">= 0.90x",
+        paired >= 0.90,
+    )
+
+
+def _cpu(args: argparse.Namespace, report: dict[str, object]) -> list[Row]:
+    with simulator_process(submit_time=0, processing_time=0) as (base_url, api_key):
+        out = per_call.measure(base_url, api_key, calls=args.calls, rounds=args.rounds)
+    rows: list[Row] = []
+    for kind, label in (("get", "CPU per get_task"), ("create", "CPU per create (extend)")):
+        client, raw = out[f"client_{kind}"], out[f"raw_{kind}"]
+        ratio = per_call.paired_ratio(client, raw)
+        report.update(
+            {
+                f"client_cpu_per_{kind}_us": round(statistics.median(client) * 1e6, 1),
+                f"raw_cpu_per_{kind}_us": round(statistics.median(raw) * 1e6, 1),
+                f"cpu_{kind}_ratio": round(ratio, 3),
+            }
+        )
+        rows.append(
+            (
+                label,
+                f"{statistics.median(client) * 1e6:.0f} µs",
+                f"{statistics.median(raw) * 1e6:.0f} µs",
+                ratio,
+                "<= 1.10x",
+                ratio <= 1.10,
+            )
+        )
+    return rows
+
+
+def _imports(args: argparse.Namespace, report: dict[str, object]) -> Row:
+    times = imports.measure(args.import_reps)
+    ours, theirs = imports.median(times["kling_async"]), imports.median(times["aiohttp"])
+    report.update(
+        import_kling_async_ms=round(ours * 1e3, 1),
+        import_aiohttp_ms=round(theirs * 1e3, 1),
+        import_ratio=round(ours / theirs, 3),
+    )
+    return (
+        f"import (median of {args.import_reps})",
+        f"{ours * 1e3:.1f} ms",
+        f"{theirs * 1e3:.1f} ms",
+        ours / theirs,
+        "<= 1.10x",
+        ours / theirs <= 1.10,
+    )
+
+
+def _rss(args: argparse.Namespace, report: dict[str, object]) -> float:
+    with simulator_process() as (base_url, api_key):
+        small = peak_rss(base_url, api_key, args.rss_small)
+    with simulator_process() as (base_url, api_key):
+        large = peak_rss(base_url, api_key, args.rss_large)
+    growth_mb = (large - small) / 1024
+    report.update(
+        rss_small_kib=small,
+        rss_large_kib=large,
+        rss_growth_mb=round(growth_mb, 1),
+        rss_target_mb=10,
     )
     print(
-        f"creates/s (median): kling_async {statistics.median(client_rates):.0f} vs raw "
-        f"aiohttp {statistics.median(raw_rates):.0f}: {paired:.2f}x median of rounds, "
-        f"{best:.2f}x best to best (target >= 0.85x)",
+        f"peak RSS: {small / 1024:.1f} MB at {args.rss_small} items, "
+        f"{large / 1024:.1f} MB at {args.rss_large}: growth {growth_mb:.1f} MB "
+        f"(target <= 10 MB)",
         flush=True,
     )
-    if not args.skip_rss:
-        with simulator_process() as (base_url, api_key):
-            small = peak_rss(base_url, api_key, args.rss_small)
-        with simulator_process() as (base_url, api_key):
-            large = peak_rss(base_url, api_key, args.rss_large)
-        growth_mb = (large - small) / 1024
-        report.update(
-            rss_small_kib=small,
-            rss_large_kib=large,
-            rss_growth_mb=round(growth_mb, 1),
-            rss_target_mb=10,
+    return growth_mb
+
+
+def _table(rows: list[Row], rss: tuple[int, int, float] | None) -> str:
+    header = ("measure", "kling_async", "raw aiohttp", "ratio", "target", "")
+    lines = [
+        (name, ours, theirs, f"{ratio:.2f}x", target, "ok" if ok else "MISS")
+        for name, ours, theirs, ratio, target, ok in rows
+    ]
+    if rss is not None:
+        small, large, growth = rss
+        lines.append(
+            (
+                f"peak RSS growth, {small} -> {large} items",
+                f"{growth:+.1f} MB",
+                "",
+                "",
+                "<= 10 MB",
+                "ok" if growth <= 10 else "MISS",
+            )
         )
-        print(
-            f"peak RSS: {small / 1024:.1f} MB at {args.rss_small} items, "
-            f"{large / 1024:.1f} MB at {args.rss_large}: growth {growth_mb:.1f} MB "
-            f"(target <= 10 MB)",
-            flush=True,
-        )
+    widths = [max(len(str(line[i])) for line in [header, *lines]) for i in range(6)]
+    rule = "  ".join("-" * w for w in widths)
+    out = [
+        "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in [header, *lines]
+    ]
+    return "\n".join([out[0], rule, *out[1:]])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=20_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=2_000)
+    parser.add_argument("--import-reps", type=int, default=40)
+    parser.add_argument("--rss-small", type=int, default=10_000)
+    parser.add_argument("--rss-large", type=int, default=100_000)
+    parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument(
+        "--only", action="append", choices=["cpu", "throughput", "import", "rss"], default=None
+    )
+    parser.add_argument("--rss-child", nargs=3, metavar=("N", "BASE_URL", "API_KEY"))
+    args = parser.parse_args()
+    if args.rss_child:
+        n, base_url, api_key = args.rss_child
+        rss_child(base_url, api_key, int(n))
+        return 0
+    only = set(args.only or ["cpu", "throughput", "import", "rss"])
+    if args.skip_rss:
+        only.discard("rss")
+
+    report: dict[str, object] = {
+        "items": args.items,
+        "rounds": args.rounds,
+        "calls": args.calls,
+        "concurrency": CONCURRENCY,
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }
+    rows: list[Row] = []
+    if "cpu" in only:
+        rows += _cpu(args, report)
+    if "throughput" in only:
+        rows.append(_throughput(args, report))
+    if "import" in only:
+        rows.append(_imports(args, report))
+    rss = None
+    if "rss" in only:
+        rss = (args.rss_small, args.rss_large, _rss(args, report))
     print(json.dumps(report, indent=2))
+    print()
+    print(_table(rows, rss))
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from typing import Final, Protocol
 
 import jwt
@@ -52,19 +53,26 @@ class BearerAuth:
 
 
 class JWTAuth:
-    """The official access key + secret key: an HS256 JWT, cached and re-signed early."""
+    """The official access key + secret key: an HS256 JWT, cached and re-signed early.
+
+    `clock` gives the time in seconds since the epoch (`time.time` unless a test
+    passes one it controls); claims are signed from it and the cache expires by it.
+    """
 
     __slots__ = ("_access_key", "_clock", "_expires", "_header", "_secret_key")
     kind = "access_key"
 
-    def __init__(self, access_key: str, secret_key: str) -> None:
+    def __init__(
+        self, access_key: str, secret_key: str, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self._access_key = access_key
         self._secret_key = secret_key
+        self._clock = clock
         self._header = ""
         self._expires = 0.0
 
     def header(self) -> str:
-        now = time.time()
+        now = self._clock()
         if not self._header or now >= self._expires - RESIGN_MARGIN:
             self._header = f"Bearer {self._sign(now)}"
             self._expires = now + TOKEN_LIFETIME

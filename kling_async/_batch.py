@@ -119,7 +119,9 @@ class Batch:
     async def run(self) -> AsyncGenerator[BatchResult, None]:
         """Yield one result per input item, in completion order."""
         if self._journal_path is not None:
-            self._journal = await Journal.open(self._journal_path)
+            self._journal = await Journal.open(
+                self._journal_path, service=self._tasks.transport.base_url
+            )
         workers = [asyncio.ensure_future(self._worker()) for _ in range(self._concurrency)]
         try:
             running = len(workers)

@@ -9,6 +9,10 @@ disk. Writes are group-committed: every write made while a commit is running joi
 the next one, and a writer's ``await`` returns only once its row is committed. WAL
 mode with ``synchronous=NORMAL`` keeps committed rows through a ``kill -9`` (the OS
 has them) at a fraction of the cost of an fsync per row.
+
+A journal also remembers the service it was written against (the client's base URL),
+so a rerun against another one says so instead of failing every unfinished row with a
+404 for a task that service never saw.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import hashlib
 import sqlite3
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,18 +53,18 @@ PENDING: Final = "pending"
 SUBMITTED: Final = "submitted"
 FINISHED: Final = "finished"
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS items (
-    idx INTEGER PRIMARY KEY,
-    fingerprint TEXT NOT NULL,
-    external_task_id TEXT NOT NULL,
-    state TEXT NOT NULL,
-    task TEXT,
-    error TEXT,
-    updated_at REAL NOT NULL
-);
-"""
+_SCHEMA: Final = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE items (
+        idx INTEGER PRIMARY KEY,
+        fingerprint TEXT NOT NULL,
+        external_task_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        task TEXT,
+        error TEXT,
+        updated_at REAL NOT NULL
+    )""",
+)
 
 #: Errors that stay final when a batch is run again; any other error gets another try.
 _FINAL_ERRORS: Final = (TaskFailedError, InvalidRequestError, ContentPolicyError, ValidationError)
@@ -80,22 +85,35 @@ def encode_error(error: KlingError) -> str:
             status=error.status,
             code=error.code,
             request_id=error.request_id,
+            retry_after=error.retry_after,
+        )
+    elif isinstance(error, APIConnectionError):
+        prefix = f"{error.method} {error.path}: " if error.method else ""
+        document.update(
+            message=str(error).removeprefix(prefix),
+            method=error.method,
+            path=error.path,
+            sent=error.sent,
         )
     elif isinstance(error, ValidationError):
-        document.update(field=error.field, rule=error.rule)
-    elif isinstance(error, (TaskFailedError, WaitTimeoutError)):
+        document.update(field=error.field, rule=error.rule, value_type=error.value_type)
+    elif isinstance(error, TaskFailedError):
         document["task"] = converter.unstructure(error.task)
-        if isinstance(error, WaitTimeoutError):
-            document["timeout"] = error.timeout
+        document["steps"] = [converter.unstructure(step) for step in error.steps]
+    elif isinstance(error, WaitTimeoutError):
+        document.update(task=converter.unstructure(error.task), timeout=error.timeout)
     elif isinstance(error, ResponseFormatError):
-        document.update(path=error.path, status=error.status)
+        where = f" at {error.path}" if error.path else ""
+        document.update(
+            message=str(error).removesuffix(where), path=error.path, status=error.status
+        )
     return orjson.dumps(document).decode()
 
 
 def decode_error(text: str) -> KlingError:
-    """Rebuild an error stored by `encode_error`."""
+    """Rebuild an error stored by `encode_error` (an unknown kind becomes a `KlingError`)."""
     document = orjson.loads(text)
-    cls = getattr(errors_module, document.get("type", ""), None)
+    cls = getattr(errors_module, str(document.get("type", "")), None)
     message = str(document.get("message", ""))
     if not (isinstance(cls, type) and issubclass(cls, KlingError)):
         return KlingError(message)
@@ -105,17 +123,28 @@ def decode_error(text: str) -> KlingError:
             status=document["status"],
             code=document.get("code"),
             request_id=document.get("request_id"),
+            retry_after=document.get("retry_after"),
+        )
+    if issubclass(cls, APIConnectionError):
+        return cls(
+            message,
+            method=document.get("method", ""),
+            path=document.get("path", ""),
+            sent=document.get("sent", True),
         )
     if issubclass(cls, ValidationError):
-        return cls(document["field"], document["rule"])
+        error = cls(document["field"], document["rule"])
+        # The text as it was, "(got <kind>)" included: the value itself was never kept.
+        error.value_type = document.get("value_type")
+        error.args = (message,)
+        return error
     if issubclass(cls, TaskFailedError):
-        return cls(converter.structure(document["task"], Task))
+        steps = tuple(converter.structure(step, Task) for step in document.get("steps", ()))
+        return cls(converter.structure(document["task"], Task), steps)
     if issubclass(cls, WaitTimeoutError):
         return cls(converter.structure(document["task"], Task), document["timeout"])
     if issubclass(cls, ResponseFormatError):
         return cls(message, path=document.get("path"), status=document.get("status"))
-    if issubclass(cls, APIConnectionError):
-        return cls(message)
     return cls(message)
 
 
@@ -150,15 +179,29 @@ class Journal:
         self._executor = executor
         self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
         self._flushing: asyncio.Future[None] | None = None
+        self._closed = False
 
     @classmethod
-    async def open(cls, path: str | Path) -> Journal:
-        """Open (or create) the journal file at `path`."""
+    async def open(cls, path: str | Path, *, service: str) -> Journal:
+        """Open (or create) the journal file at `path` for a client of `service`.
+
+        Args:
+            path: the journal file; a missing or empty file becomes a new journal.
+            service: the base URL of the service the batch talks to. A new journal
+                records it; an existing one must have been written against the same
+                service (a journal from before this check gets it recorded now).
+
+        Raises:
+            ValidationError: the file is not a journal, comes from an incompatible
+                version, or was written against another service (each named).
+        """
         path = Path(path)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kling-journal")
         loop = asyncio.get_running_loop()
         try:
-            connection, batch_id = await loop.run_in_executor(executor, _connect, path)
+            connection, batch_id = await loop.run_in_executor(
+                executor, _connect, path, service_of(service)
+            )
         except BaseException:
             executor.shutdown(wait=False)
             raise
@@ -169,6 +212,8 @@ class Journal:
         return f"kling-batch-{self.batch_id}-{index}"
 
     async def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise RuntimeError(f"the journal {self.path} is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.append((operation, future))
         if self._flushing is None:
@@ -185,6 +230,7 @@ class Journal:
                         self._executor, _apply, self._db, [op for op, _ in batch]
                     )
                 except BaseException as error:  # a failed commit fails every writer in it
+                    _name_the_file(error, self.path)
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(
@@ -250,6 +296,9 @@ class Journal:
 
     async def close(self) -> None:
         """Finish pending writes and close the file."""
+        if self._closed:
+            return
+        self._closed = True
         while self._flushing is not None:
             await asyncio.shield(self._flushing)
         loop = asyncio.get_running_loop()
@@ -259,28 +308,32 @@ class Journal:
             self._executor.shutdown(wait=True)
 
 
-def _connect(path: Path) -> tuple[sqlite3.Connection, str]:
-    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+def service_of(url: str) -> str:
+    """The service a base URL names: scheme, host, port and path, never credentials or query."""
+    parts = urllib.parse.urlsplit(url.strip())
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address goes back in brackets
+        host = f"[{host}]"
     try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = f"{host}:{port}" if port is not None else host
+    return urllib.parse.urlunsplit((parts.scheme.lower(), netloc, parts.path.rstrip("/"), "", ""))
+
+
+def _connect(path: Path, service: str) -> tuple[sqlite3.Connection, str]:
+    try:
+        connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as error:
+        raise ValidationError("journal", f"{path} cannot be opened ({error})") from None
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        batch_id = _check_or_create(connection, path, service)
+        connection.execute("COMMIT")
+        # Outside the transaction: SQLite cannot change the journal mode inside one.
         connection.execute("PRAGMA journal_mode=WAL")
         connection.execute("PRAGMA synchronous=NORMAL")
-        connection.executescript(_SCHEMA)
-        connection.execute("BEGIN IMMEDIATE")
-        row = connection.execute("SELECT value FROM meta WHERE key = 'batch_id'").fetchone()
-        compatible = True
-        if row is None:
-            batch_id = uuid.uuid4().hex[:16]
-            connection.executemany(
-                "INSERT INTO meta (key, value) VALUES (?, ?)",
-                [("batch_id", batch_id), ("schema_version", SCHEMA_VERSION)],
-            )
-        else:
-            batch_id = row[0]
-            version = connection.execute(
-                "SELECT value FROM meta WHERE key = 'schema_version'"
-            ).fetchone()
-            compatible = version is not None and version[0] == SCHEMA_VERSION
-        connection.execute("COMMIT")
     except sqlite3.DatabaseError as error:
         connection.close()
         raise ValidationError(
@@ -289,12 +342,60 @@ def _connect(path: Path) -> tuple[sqlite3.Connection, str]:
     except BaseException:
         connection.close()
         raise
-    if not compatible:
-        connection.close()
-        raise ValidationError(
-            "journal", f"{path} was written by an incompatible kling_async version"
-        )
     return connection, batch_id
+
+
+def _check_or_create(connection: sqlite3.Connection, path: Path, service: str) -> str:
+    """The journal's batch id, after checking the file is one of ours for `service`."""
+    tables = {
+        row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    }
+    meta: dict[str, str] = {}
+    if "meta" in tables:
+        meta = dict(connection.execute("SELECT key, value FROM meta").fetchall())
+    if "batch_id" not in meta:
+        if tables - {"meta", "items"} or (
+            "items" in tables and connection.execute("SELECT 1 FROM items").fetchone()
+        ):
+            # Someone else's database: never add our tables to it.
+            raise ValidationError(
+                "journal",
+                f"{path} is an SQLite database but not a kling_async journal; "
+                "give the batch a file of its own",
+            )
+        for statement in _SCHEMA:
+            if statement.split()[2] not in tables:
+                connection.execute(statement)
+        batch_id = uuid.uuid4().hex[:16]
+        connection.executemany(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            [("batch_id", batch_id), ("schema_version", SCHEMA_VERSION), ("service", service)],
+        )
+        return batch_id
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValidationError(
+            "journal",
+            f"{path} was written by an incompatible kling_async version (journal format "
+            f"{version or 'unknown'}, this version reads format {SCHEMA_VERSION}); "
+            "use a new journal file",
+        )
+    recorded = meta.get("service")
+    if recorded is None:  # written before journals recorded their service
+        connection.execute("INSERT INTO meta (key, value) VALUES ('service', ?)", (service,))
+    elif recorded != service:
+        raise ValidationError(
+            "journal",
+            f"{path} was written against {recorded}, this client talks to {service}; "
+            "use a new journal or the same service",
+        )
+    return meta["batch_id"]
+
+
+def _name_the_file(error: BaseException, path: Path) -> None:
+    """Say which journal failed, in the traceback (Python 3.11+), keeping the error's type."""
+    if isinstance(error, sqlite3.Error) and hasattr(error, "add_note"):
+        error.add_note(f"while writing the batch journal {path}")
 
 
 def _apply(
@@ -305,6 +406,9 @@ def _apply(
         outcomes = [operation(db) for operation in operations]
         db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        # SQLite may have rolled back already (a full disk does); a second ROLLBACK
+        # would fail and hide the error that matters.
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         raise
     return outcomes

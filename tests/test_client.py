@@ -15,7 +15,6 @@ from aiohttp import web
 from kling_async import (
     APIConnectionError,
     APITimeoutError,
-    AuthenticationError,
     ConfigurationError,
     ExtendRequest,
     InsufficientBalanceError,
@@ -335,39 +334,6 @@ async def test_max_in_flight_holds_with_200_concurrent_calls() -> None:
         ) as kling:
             await asyncio.gather(*(kling.get_task(t.task_id) for t in tasks))
         assert sim.counters.peak_concurrent_requests > 5
-
-
-# -- auth ----------------------------------------------------------------------------------------
-
-
-async def test_jwt_auth_signs_caches_and_resigns_on_1004() -> None:
-    async with (
-        Simulator(access_key="ak-1", secret_key="short") as sim,  # short: no warning
-        KlingClient(access_key="ak-1", secret_key="short", base_url=sim.base_url) as kling,
-    ):
-        task = await kling.extend(REQUEST)
-        await kling.get_task(task.task_id)
-        tokens = {r.headers["Authorization"] for r in sim.recent_requests}
-        assert len(tokens) == 1  # cached
-        sim.expire_tokens()
-        # Claims have whole seconds: a token signed in the same second as the expiry
-        # would be the very same token, so let the clock tick over first.
-        await asyncio.sleep(1.05)
-        await kling.get_task(task.task_id)
-        tokens = [r.headers["Authorization"] for r in sim.recent_requests]
-        assert len(set(tokens)) == 2  # re-signed once
-        assert sim.counters.tasks_created == 1
-
-
-async def test_wrong_secret_is_an_authentication_error() -> None:
-    async with (
-        Simulator(access_key="ak", secret_key="right") as sim,
-        KlingClient(access_key="ak", secret_key="wrong", base_url=sim.base_url) as kling,
-    ):
-        with pytest.raises(AuthenticationError) as caught:
-            await kling.get_task("x")
-    assert caught.value.code == 1002
-    assert sim.counters.requests == 1
 
 
 # -- credentials never leak -------------------------------------------------------------------

@@ -1,0 +1,40 @@
+"""Import time: ``import kling_async`` beside ``import aiohttp``, each in a fresh interpreter.
+
+Each repetition starts a new ``python -c`` for each module (alternating which goes first)
+and the child times its own import with `time.perf_counter`, so interpreter start-up is
+left out; the medians are compared. Byte code is compiled by a first, uncounted run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+
+MODULES = ("aiohttp", "kling_async")
+
+
+def _once(module: str) -> float:
+    code = (
+        "import time; started = time.perf_counter(); "
+        f"import {module}; print(time.perf_counter() - started)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True
+    ).stdout
+    return float(out.strip())
+
+
+def measure(repetitions: int) -> dict[str, list[float]]:
+    """Seconds per import of each module, one entry per repetition."""
+    for module in MODULES:
+        _once(module)  # compile and cache byte code
+    times: dict[str, list[float]] = {module: [] for module in MODULES}
+    for repetition in range(repetitions):
+        for module in MODULES if repetition % 2 == 0 else MODULES[::-1]:
+            times[module].append(_once(module))
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
