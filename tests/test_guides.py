@@ -395,7 +395,7 @@ def test_errors_table_has_a_row_per_code_of_the_protocol() -> None:
     table = hooks.error_codes_table()
     rows = table.splitlines()[2:]
     assert len(rows) == len(ERROR_CODES)
-    for row, rule in zip(rows, ERROR_CODES):
+    for row, rule in zip(rows, ERROR_CODES, strict=True):
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert cells[:2] == [str(rule.status), str(rule.code)]
         assert f"kling_async.errors.{rule.error.__name__}]" in cells[3]
@@ -447,3 +447,30 @@ def test_cli_reference_names_a_click_group_that_exists() -> None:
     assert {"extend", "status", "wait", "list", "batch", "download", "simulate"} <= set(
         group.commands
     )
+
+
+def test_polling_page_prose_matches_the_numbers() -> None:
+    page = " ".join((ROOT / "docs/guide/polling.md").read_text(encoding="utf-8").split())
+    policy = PollPolicy()
+    five_minutes = hooks.polling_row(policy, 300.0)
+    assert (
+        f"a 5-minute task costs {five_minutes.backstop_polls} requests instead of "
+        f"{five_minutes.polls}" in page
+    )
+    gaps = hooks.poll_intervals(policy, scale=3.0)
+    shown = ", ".join(f"{next(gaps):g}" for _ in range(5))
+    assert f"(gaps of {shown}, then {next(gaps):g} s)" in page
+    assert f"at most {five_minutes.backstop_late_worst:g} s late" in page
+
+
+@pytest.mark.parametrize(
+    ("page", "program"),
+    [
+        ("docs/guide/web-services.md", "examples/web_aiohttp.py"),
+        ("docs/guide/web-services.md", "examples/web_fastapi.py"),
+        ("docs/guide/bots.md", "examples/bot_aiogram.py"),
+    ],
+)
+def test_guides_show_the_programs_the_tests_run(page: str, program: str) -> None:
+    # The page includes the file at build time, so the reader sees what was tested.
+    assert f'--8<-- "{program}"' in (ROOT / page).read_text(encoding="utf-8")
