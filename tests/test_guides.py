@@ -46,7 +46,12 @@ def load(relative: str) -> ModuleType:
 web_aiohttp = load("examples/web_aiohttp.py")
 web_fastapi = load("examples/web_fastapi.py")
 bot_aiogram = load("examples/bot_aiogram.py")
-hooks = load("docs/hooks.py")
+
+
+@pytest.fixture(scope="module")
+def hooks() -> ModuleType:
+    """The docs build's hook module (it imports the protocol's table of codes)."""
+    return load("docs/hooks.py")
 
 
 @pytest.fixture
@@ -389,7 +394,7 @@ async def test_bot_aiogram_wiring_turns_a_command_into_an_extension(
 # -- generated reference -----------------------------------------------------------------
 
 
-def test_errors_table_has_a_row_per_code_of_the_protocol() -> None:
+def test_errors_table_has_a_row_per_code_of_the_protocol(hooks: ModuleType) -> None:
     from kling_async._protocol import ERROR_CODES
 
     table = hooks.error_codes_table()
@@ -407,13 +412,13 @@ def test_errors_table_has_a_row_per_code_of_the_protocol() -> None:
     assert hooks.ERROR_CODES_MARKER not in rendered
 
 
-def test_polling_page_shows_the_numbers_the_policy_gives() -> None:
+def test_polling_page_shows_the_numbers_the_policy_gives(hooks: ModuleType) -> None:
     page = (ROOT / "docs/guide/polling.md").read_text(encoding="utf-8")
     assert hooks.polling_table() in page
     assert hooks.look_times_text() in page
 
 
-def test_polling_numbers_follow_the_clients_own_schedule() -> None:
+def test_polling_numbers_follow_the_clients_own_schedule(hooks: ModuleType) -> None:
     # The computation on the page against the intervals `wait_for_task` really sleeps.
     policy = PollPolicy(jitter=0.0)
     client = KlingClient(api_key="k", base_url="http://127.0.0.1:9", poll=policy)
@@ -423,7 +428,7 @@ def test_polling_numbers_follow_the_clients_own_schedule() -> None:
     assert hooks.look_times(PollPolicy(), 10)[:3] == [2.0, 5.0, 9.5]
 
 
-def test_polling_rows_by_hand() -> None:
+def test_polling_rows_by_hand(hooks: ModuleType) -> None:
     row = hooks.polling_row(PollPolicy(), 120.0)
     # Looks at 2, 5, 9.5, 16.25, 26.375, then every 15 s: 41.375 ... 116.375, 131.375.
     assert row.polls == 12
@@ -449,7 +454,7 @@ def test_cli_reference_names_a_click_group_that_exists() -> None:
     )
 
 
-def test_polling_page_prose_matches_the_numbers() -> None:
+def test_polling_page_prose_matches_the_numbers(hooks: ModuleType) -> None:
     page = " ".join((ROOT / "docs/guide/polling.md").read_text(encoding="utf-8").split())
     policy = PollPolicy()
     five_minutes = hooks.polling_row(policy, 300.0)
