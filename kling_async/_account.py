@@ -1,0 +1,322 @@
+"""An account's running-task slots: the `Account` interface and `InMemoryAccount`.
+
+Kling limits how many tasks an account has *running* (from ``submitted`` until it
+finishes), whichever process created them; a create past the limit answers 429 code
+1303. An account object keeps those slots so that everyone who shares it stays within
+the limit instead of learning it from 1303 answers one request at a time.
+
+The create-and-wait layer (`kling_async._tasks`) drives an account like this::
+
+    existing = await account.claim(external_id)  # only for a caller-given id
+    if existing is not None:
+        return existing  # another create with this id made it: nothing is sent
+    slot = await account.acquire(external_id, lookup)  # waits, FIFO, cancellable
+    POST ...
+        1303    -> await account.refused(slot, retry_after); slot = await account.acquire(...)
+        created -> await account.created(slot, task)  # the slot now holds task.task_id
+        failed  -> await account.release(slot, maybe_created=...)
+    await account.settle(external_id, task_or_none)
+    ... later, whoever sees the task finished: await account.finished(task)
+
+`InMemoryAccount` keeps the slots of one process; `kling_async.redis.RedisAccount`
+keeps them in Redis for many processes and machines. Both implement `Account`.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import collections
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import attrs
+
+from kling_async._models import Task
+from kling_async.errors import ConfigurationError
+
+__all__ = ["Account", "AccountSlot", "InMemoryAccount", "Lookup"]
+
+logger = logging.getLogger("kling_async")
+
+#: Looks a task up by its external task id; None when the service says it does not exist.
+Lookup = Callable[[str], Awaitable["Task | None"]]
+
+#: A slot whose task nobody reported for this long is looked up by the account itself
+#: (a task created with `extend` and never waited on must not hold its slot forever).
+CHECK_AFTER: Final = 15.0
+#: After a 1303 with nothing of ours running, wait at most this long before trying again.
+REFUSED_WAIT_CAP: Final = 30.0
+
+
+@attrs.define(eq=False)
+class AccountSlot:
+    """One running-task slot, from `Account.acquire` until its task is seen finished."""
+
+    #: The id the create is sent with: how the account finds the task if its holder dies.
+    external_task_id: str
+    #: Set by `Account.created`: the task that holds the slot.
+    task_id: str | None = None
+    #: The implementation's own handle (a lease id in Redis).
+    token: str = ""
+
+
+class Account(abc.ABC):
+    """Where an account's running-task slots are kept (see the module docstring).
+
+    Every method is safe to call from many tasks at once. Methods that give something
+    back (`release`, `refused`, `finished`, `settle`) may be called while the caller is
+    being cancelled: an implementation that does I/O must finish that I/O anyway.
+    """
+
+    #: The plan's limit when it was given; None when it is learned from 1303 answers.
+    max_running: int | None
+
+    @abc.abstractmethod
+    async def acquire(self, external_task_id: str, lookup: Lookup) -> AccountSlot:
+        """Take a slot for a create, waiting (first come, first served) while none is free.
+
+        `lookup` lets the account check the task of a slot whose holder went quiet.
+        """
+
+    @abc.abstractmethod
+    async def created(self, slot: AccountSlot, task: Task) -> None:
+        """The slot's create was accepted: it holds `task` until that is seen finished."""
+
+    @abc.abstractmethod
+    async def refused(self, slot: AccountSlot, retry_after: float | None = None) -> None:
+        """The create got 1303: lower the limit at once, give the slot back, and return
+        when trying again is worthwhile (a slot came free, or a backoff passed)."""
+
+    @abc.abstractmethod
+    async def release(self, slot: AccountSlot, *, maybe_created: bool = False) -> None:
+        """The create failed. With `maybe_created` (the request may have reached the
+        service) the slot is kept until a look-up shows the task absent or finished."""
+
+    @abc.abstractmethod
+    async def finished(self, task: Task) -> None:
+        """`task` was seen finished (a poll, a callback, `get_task`): free its slot."""
+
+    @abc.abstractmethod
+    async def claim(self, external_task_id: str) -> Task | None:
+        """Claim a caller-given external task id before creating its task.
+
+        Returns None when this caller now owns the id (and must `settle` it), or the task
+        an earlier create with the same id made (waiting while that create is running).
+        """
+
+    @abc.abstractmethod
+    async def settle(self, external_task_id: str, task: Task | None) -> None:
+        """End a claim: with the task created, or None when the create failed."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional for implementations
+        """Release what the account holds open (connections, background tasks)."""
+
+
+@attrs.define(eq=False)
+class _Held:
+    slot: AccountSlot
+    lookup: Lookup
+    seen: float
+    maybe_created: bool = False
+
+
+class InMemoryAccount(Account):
+    """The running-task slots of one process, shared by every client and call given it.
+
+    Args:
+        max_running: the plan's limit of running tasks, when known. Without it the limit
+            is learned: lowered at once to what the account accepted on a 1303, and
+            raised by ``1/limit`` for each create accepted while at the limit.
+    """
+
+    def __init__(self, *, max_running: int | None = None) -> None:
+        if max_running is not None and (
+            isinstance(max_running, bool) or not isinstance(max_running, int) or max_running < 1
+        ):
+            raise ConfigurationError("max_running must be an integer of at least 1, or None")
+        self.max_running = max_running
+        self._limit: float = float(max_running) if max_running is not None else float("inf")
+        self._held: dict[int, _Held] = {}
+        self._by_task: dict[str, AccountSlot] = {}
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._claims: dict[str, asyncio.Future[Task | None]] = {}
+        self._settled: collections.OrderedDict[str, Task] = collections.OrderedDict()
+        self._freed = 0
+        self._checking: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        limit = "learning" if self._limit == float("inf") else f"{self.limit}"
+        return f"<InMemoryAccount running={len(self._held)} limit={limit}>"
+
+    @property
+    def limit(self) -> int | None:
+        """How many slots may be taken now (None: not learned yet, no limit seen)."""
+        if self._limit == float("inf"):
+            return None
+        return max(1, int(self._limit))
+
+    @property
+    def running(self) -> int:
+        """Slots taken now."""
+        return len(self._held)
+
+    def _has_room(self) -> bool:
+        limit = self.limit
+        return limit is None or len(self._held) < limit
+
+    # -- slots ---------------------------------------------------------------------------
+
+    async def acquire(self, external_task_id: str, lookup: Lookup) -> AccountSlot:
+        if not self._waiters and self._has_room():
+            return self._take(external_task_id, lookup)
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._start_checking()
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._wake()  # we were handed a turn we will not use: pass it on
+            else:
+                self._waiters.remove(waiter)
+            raise
+        return self._take(external_task_id, lookup)
+
+    def _take(self, external_task_id: str, lookup: Lookup) -> AccountSlot:
+        slot = AccountSlot(external_task_id)
+        self._held[id(slot)] = _Held(slot, lookup, time.monotonic())
+        return slot
+
+    def _wake(self) -> None:
+        # Hand turns to waiters in order while there is room; each turn is taken by
+        # `_take` before anything else can run on the loop, so room is never oversold.
+        room = (self.limit or len(self._held) + len(self._waiters)) - len(self._held)
+        while self._waiters and room > 0:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                room -= 1
+
+    def _free(self, slot: AccountSlot) -> None:
+        if self._held.pop(id(slot), None) is None:
+            return
+        if slot.task_id is not None:
+            self._by_task.pop(slot.task_id, None)
+        self._freed += 1
+        self._wake()
+
+    async def created(self, slot: AccountSlot, task: Task) -> None:
+        held = self._held.get(id(slot))
+        if held is None:
+            return
+        slot.task_id = task.task_id
+        held.seen = time.monotonic()
+        held.maybe_created = False
+        if task.is_terminal:
+            self._free(slot)
+            return
+        self._by_task[task.task_id] = slot
+        if self.max_running is None and len(self._held) >= self._limit:
+            self._limit += 1.0 / self._limit  # additive increase, only while at the limit
+
+    async def refused(self, slot: AccountSlot, retry_after: float | None = None) -> None:
+        if self.max_running is None:
+            # Everyone else holding a slot is a running task the account accepted.
+            self._limit = float(max(1, len(self._held) - 1))
+        freed = self._freed
+        self._free(slot)
+        loop = asyncio.get_running_loop()
+        if retry_after:
+            await asyncio.sleep(retry_after)
+        if self._freed != freed:
+            return
+        # Nothing freed: wait for a slot to free, or (when nothing of ours runs, so the
+        # tasks filling the account are someone else's) a jittered backoff.
+        deadline = loop.time() + random.uniform(1.0, REFUSED_WAIT_CAP if not self._held else 5.0)
+        while self._freed == freed and loop.time() < deadline:
+            waiter = loop.create_future()
+            self._waiters.appendleft(waiter)  # keeps its place at the front
+            try:
+                await asyncio.wait((waiter,), timeout=deadline - loop.time())
+            finally:
+                if not waiter.done():
+                    self._waiters.remove(waiter)
+                else:
+                    self._wake() if not waiter.cancelled() else None
+
+    async def release(self, slot: AccountSlot, *, maybe_created: bool = False) -> None:
+        held = self._held.get(id(slot))
+        if held is None:
+            return
+        if maybe_created:
+            held.maybe_created = True
+            held.seen = 0.0  # look it up at the next check
+            self._start_checking()
+        else:
+            self._free(slot)
+
+    async def finished(self, task: Task) -> None:
+        slot = self._by_task.get(task.task_id)
+        if slot is not None:
+            self._free(slot)
+
+    # -- the account's own check -----------------------------------------------------------
+
+    def _start_checking(self) -> None:
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.ensure_future(self._check_loop())
+
+    async def _check_loop(self) -> None:
+        while self._waiters or any(h.maybe_created for h in self._held.values()):
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for held in list(self._held.values()):
+                if now - held.seen >= CHECK_AFTER or (held.maybe_created and not held.seen):
+                    held.seen = now
+                    await self._check(held)
+
+    async def _check(self, held: _Held) -> None:
+        try:
+            task = await held.lookup(held.slot.external_task_id)
+        except Exception as error:  # the check is best effort: try again later
+            logger.info("account check of %s failed: %s", held.slot.external_task_id, error)
+            return
+        if task is None or task.is_terminal:
+            self._free(held.slot)
+        elif held.slot.task_id is None:
+            held.slot.task_id = task.task_id
+            held.maybe_created = False
+            self._by_task[task.task_id] = held.slot
+
+    # -- exactly once ------------------------------------------------------------------------
+
+    async def claim(self, external_task_id: str) -> Task | None:
+        while True:
+            known = self._settled.get(external_task_id)
+            if known is not None:
+                return known
+            running = self._claims.get(external_task_id)
+            if running is None:
+                self._claims[external_task_id] = asyncio.get_running_loop().create_future()
+                return None
+            task = await asyncio.shield(running)
+            if task is not None:
+                return task
+
+    async def settle(self, external_task_id: str, task: Task | None) -> None:
+        running = self._claims.pop(external_task_id, None)
+        if task is not None:
+            self._settled[external_task_id] = task
+            if len(self._settled) > 10_000:
+                self._settled.popitem(last=False)
+        if running is not None and not running.done():
+            running.set_result(task)
+
+    async def aclose(self) -> None:
+        if self._checking is not None:
+            self._checking.cancel()
+            await asyncio.gather(self._checking, return_exceptions=True)
