@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import math
 import random
@@ -288,6 +289,23 @@ class _Waiter:
     wake: asyncio.Event = attrs.field(factory=asyncio.Event)
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_seconds(value: object) -> bool:
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0.1
+    )
+
+
+def _is_name(value: object) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -318,15 +336,11 @@ class RedisAccount(Account):
         max_running: int | None = None,
         lease: float = 30.0,
     ) -> None:
-        if max_running is not None and (
-            isinstance(max_running, bool) or not isinstance(max_running, int) or max_running < 1
-        ):
+        if max_running is not None and not _is_count(max_running):
             raise ConfigurationError("max_running must be an integer of at least 1, or None")
-        if isinstance(lease, bool) or not isinstance(lease, (int, float)):
-            raise ConfigurationError("lease must be a number of seconds")
-        if not math.isfinite(lease) or lease < 0.1:
+        if not _is_seconds(lease):
             raise ConfigurationError("lease must be a finite number of seconds, at least 0.1")
-        if not isinstance(name, str) or not name:
+        if not _is_name(name):
             raise ConfigurationError("name must be a non-empty string")
         if isinstance(redis, str):
             try:
@@ -597,10 +611,8 @@ class RedisAccount(Account):
         # Nothing freed: wait for a slot to free, or (when the account holds no slot,
         # so what fills it is not ours) a jittered backoff.
         wait = random.uniform(1.0, REFUSED_WAIT_CAP if not held else 5.0)
-        try:
+        with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._freed.wait(), wait)
-        except asyncio.TimeoutError:
-            pass
 
     async def release(self, slot: AccountSlot, *, maybe_created: bool = False) -> None:
         held = self._held.get(slot.token)
@@ -615,9 +627,7 @@ class RedisAccount(Account):
         token = self._by_task.get(task.task_id, "")
         if token:
             self._forget(token)
-        await self._complete(
-            self._call(self._release_script, self._keys, [token, task.task_id])
-        )
+        await self._complete(self._call(self._release_script, self._keys, [token, task.task_id]))
 
     def _forget(self, token: str) -> None:
         held = self._held.pop(token, None)
@@ -696,7 +706,7 @@ class RedisAccount(Account):
         except APIConnectionError as error:
             logger.info("looking for expired slots failed: %s", error)
             return
-        for token, doc in zip(expired[::2], expired[1::2]):
+        for token, doc in zip(expired[::2], expired[1::2], strict=True):
             lease = orjson.loads(doc)
             slot = AccountSlot(lease["e"], task_id=lease["t"] or None, token=_text(token))
             try:
@@ -741,10 +751,8 @@ class RedisAccount(Account):
                     return None
                 if value is not None and _text(value).startswith("{"):
                     return converter.structure(orjson.loads(value), Task)
-                try:
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(event.wait(), CLAIM_POLL)
-                except asyncio.TimeoutError:
-                    pass
         finally:
             self._claim_waits.pop(external_task_id, None)
 
@@ -784,4 +792,3 @@ class RedisAccount(Account):
         )
         if self._own_redis:
             await self._redis.aclose()
-

@@ -124,10 +124,10 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def redis_url(redis_server: RedisServer) -> Iterator[str]:
+def redis_url(redis_server: RedisServer) -> str:
     """The server's URL; started again if an earlier test left it stopped."""
     if redis_server.process is None or redis_server.process.poll() is not None:
         with contextlib.suppress(Exception):
             redis_server.stop()
         redis_server.start()
-    yield redis_server.url
+    return redis_server.url
