@@ -206,3 +206,62 @@ async def test_cancelled_creates_give_their_slots_back(
         assert sim.counters.tasks_created == 2
     finally:
         await raw.aclose()
+
+
+def _load_example(name: str) -> Any:
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_the_arq_example_extends_and_downloads_every_video(
+    sim: Simulator, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from arq.worker import Worker
+
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("KLING_BASE_URL", sim.base_url)
+    monkeypatch.setenv("KLING_API_KEY", sim.api_key or "")
+    monkeypatch.setenv("KLING_MAX_RUNNING", "2")
+    monkeypatch.setenv("KLING_DOWNLOADS", str(tmp_path / "videos"))
+    worker_module = _load_example("arq_worker")
+    producer = _load_example("arq_producer")
+    videos = [{"video_id": f"video-{i}", "prompt": f"镜头推进 {i}"} for i in range(4)]
+
+    raw = aioredis.Redis.from_url(redis_url)
+    await raw.delete("arq:queue")
+    producing = asyncio.ensure_future(producer.enqueue_all(videos, redis_url))
+    for _ in range(1000):
+        if await raw.zcard("arq:queue") == len(videos):
+            break
+        await asyncio.sleep(0.01)
+    await raw.aclose()
+    settings = worker_module.WorkerSettings
+    worker = Worker(
+        functions=settings.functions,
+        on_startup=settings.on_startup,
+        on_shutdown=settings.on_shutdown,
+        redis_settings=settings.redis_settings,
+        max_jobs=settings.max_jobs,
+        burst=True,
+        handle_signals=False,
+        poll_delay=0.05,
+    )
+    try:
+        await worker.main()
+        results = await asyncio.wait_for(producing, 60)
+    finally:
+        await worker.close()
+        producing.cancel()
+        await asyncio.gather(producing, return_exceptions=True)
+
+    assert sorted(r["video_id"] for r in results) == [v["video_id"] for v in videos]
+    assert all(os.path.getsize(r["file"]) > 0 for r in results)  # noqa: ASYNC240
+    assert sim.counters.tasks_created == 4
+    assert sim.counters.rejected_1303 == 0
+    assert not sim.counters.duplicate_external_ids
