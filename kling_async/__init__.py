@@ -9,12 +9,20 @@ async with KlingClient() as kling:
 ```
 """
 
-from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
-from importlib.metadata import version as _version
+from typing import Any as _Any
 
-from kling_async._batch import BatchProgress
+from kling_async._account import InMemoryAccount
 from kling_async._client import KlingClient
-from kling_async._models import BatchResult, ExtendRequest, PollPolicy, Task, TaskStatus, Video
+from kling_async._models import (
+    BatchProgress,
+    BatchResult,
+    ExtendRequest,
+    PollPolicy,
+    Task,
+    TaskStatus,
+    Video,
+)
+from kling_async._types import CallbackSource, OnDownloadProgress, OnProgress, OnUpdate
 from kling_async.errors import (
     APIConnectionError,
     APIStatusError,
@@ -35,10 +43,20 @@ from kling_async.errors import (
     WaitTimeoutError,
 )
 
-try:
-    __version__ = _version("kling-async")
-except _PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
+
+def __getattr__(name: str) -> _Any:
+    # importlib.metadata costs more to import than the rest of the package: only on demand.
+    if name != "__version__":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("kling-async")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        found = "0.0.0"
+    globals()["__version__"] = found
+    return found
+
 
 __all__ = [
     "APIConnectionError",
@@ -47,14 +65,19 @@ __all__ = [
     "AuthenticationError",
     "BatchProgress",
     "BatchResult",
+    "CallbackSource",
     "ConfigurationError",
     "ContentPolicyError",
     "ExtendRequest",
+    "InMemoryAccount",
     "InsufficientBalanceError",
     "InvalidRequestError",
     "KlingClient",
     "KlingError",
     "NotFoundError",
+    "OnDownloadProgress",
+    "OnProgress",
+    "OnUpdate",
     "PermissionDeniedError",
     "PollPolicy",
     "RateLimitError",

@@ -35,6 +35,7 @@ from typing import Final
 
 import attrs
 
+from kling_async._config import is_int_in
 from kling_async._models import Task
 from kling_async.errors import ConfigurationError
 
@@ -134,9 +135,7 @@ class InMemoryAccount(Account):
     """
 
     def __init__(self, *, max_running: int | None = None) -> None:
-        if max_running is not None and (
-            isinstance(max_running, bool) or not isinstance(max_running, int) or max_running < 1
-        ):
+        if max_running is not None and not is_int_in(max_running, 1):
             raise ConfigurationError("max_running must be an integer of at least 1, or None")
         self.max_running = max_running
         self._limit: float = float(max_running) if max_running is not None else float("inf")

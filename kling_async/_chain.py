@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import attrs
 
-from kling_async._checks import is_nonempty_sequence
 from kling_async._models import ExtendRequest, Task, Video
+from kling_async._tasks import Tasks
 from kling_async.errors import TaskFailedError, ValidationError
-
-if TYPE_CHECKING:
-    from kling_async._client import KlingClient
 
 #: Kling extends a video only while it is at most this long (3 minutes).
 MAX_VIDEO_SECONDS: Final = 180.0
 #: The most one extension adds (API.md: each adds 4-5 s); checks assume the worst case.
 MAX_STEP_SECONDS: Final = 5.0
+#: How long each step may take (as `extend_and_wait` allows by default).
+STEP_TIMEOUT: Final = 900.0
 _STEP_OPTIONS: Final = frozenset({"negative_prompt", "cfg_scale", "callback_url", "watermark"})
 
 
@@ -32,7 +31,7 @@ def _check_room(duration: float, steps_left: int, step: int) -> None:
 
 
 async def extend_chain(
-    client: KlingClient,
+    tasks: Tasks,
     video: str | Video,
     prompts: Sequence[str],
     *,
@@ -40,7 +39,8 @@ async def extend_chain(
     **options: Any,
 ) -> list[Task]:
     """See `KlingClient.extend_chain`."""
-    if not is_nonempty_sequence(prompts):
+    given: object = prompts  # annotations bind mypy, not the caller
+    if not isinstance(given, Sequence) or isinstance(given, (str, bytes)) or not given:
         raise ValidationError("prompts", "must be a non-empty sequence of strings", prompts)
     unknown = set(options) - _STEP_OPTIONS
     if unknown:
@@ -64,7 +64,9 @@ async def extend_chain(
         if duration is not None:
             _check_room(duration, len(requests) - step, step)
         try:
-            done = await client.extend_and_wait(request)
+            done = await tasks.extend_and_wait(
+                request, timeout=STEP_TIMEOUT, on_update=None, callbacks=None
+            )
         except TaskFailedError as error:
             raise TaskFailedError(error.task, steps=tuple(steps)) from None
         steps.append(done)

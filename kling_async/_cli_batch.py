@@ -17,9 +17,9 @@ import asyncio
 import contextlib
 import io
 import sys
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any
 
 import click
 
@@ -122,15 +122,12 @@ class BatchRun:
 
     async def _consume(self) -> None:
         slots = asyncio.Semaphore(self._concurrency)
-        results = cast(
-            "AsyncGenerator[BatchResult, None]",
-            self._client.extend_many(
-                self._requests(),
-                concurrency=self._concurrency,
-                wait=self._wait,
-                journal=self._journal,
-                on_progress=self._display.update,
-            ),
+        results = self._client.extend_many(
+            self._requests(),
+            concurrency=self._concurrency,
+            wait=self._wait,
+            journal=self._journal,
+            on_progress=self._display.update,
         )
         try:
             async with contextlib.aclosing(results):

@@ -18,7 +18,7 @@ from typing import IO, Any, Final, TypeAlias
 import attrs
 import orjson
 
-from kling_async._converter import converter
+from kling_async._converter import request_from_fields
 from kling_async._models import ExtendRequest
 from kling_async.errors import ValidationError
 
@@ -97,7 +97,7 @@ def to_row(number: int, values: Mapping[str, Any]) -> Row:
         if name not in values:
             return BadRow(number, f"{name}: is required", name, "is required")
     try:
-        request = converter.structure(dict(values), ExtendRequest)
+        request = request_from_fields(values)
     except ValidationError as error:
         return BadRow(number, str(error), error.field, error.rule)
     return GoodRow(number, request)

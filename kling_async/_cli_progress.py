@@ -26,8 +26,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from kling_async._batch import BatchProgress
-from kling_async._models import Task
+from kling_async._models import BatchProgress, Task
 
 
 def stderr_console() -> Console:

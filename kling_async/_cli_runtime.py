@@ -21,7 +21,8 @@ from typing import Any, Final
 import attrs
 import click
 
-from kling_async._client import DEFAULT_BASE_URL, KlingClient
+from kling_async._client import KlingClient
+from kling_async._config import DEFAULT_BASE_URL
 from kling_async._models import PollPolicy
 from kling_async.errors import (
     AuthenticationError,

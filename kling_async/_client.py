@@ -1,150 +1,36 @@
-"""`KlingClient`: the methods of API.md, composed from the transport, protocol and models."""
+"""`KlingClient`: the methods of API.md, thin over the create-and-wait layer and the transport."""
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
-import logging
 import os
-import random
-import urllib.parse
-import uuid
-from collections.abc import (
-    AsyncIterable,
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Iterable,
-    Iterator,
-    Sequence,
-)
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
 import aiohttp
-import attrs
-import backoff
 
 from kling_async import _protocol
-from kling_async._auth import Auth, BearerAuth, JWTAuth
-from kling_async._checks import is_int_in, is_seconds, is_text
-from kling_async._converter import parse_task, parse_task_list
-from kling_async._deadlines import within
-from kling_async._hooks import call_back
-from kling_async._models import BatchResult, ExtendRequest, PollPolicy, Task, TaskStatus, Video
-from kling_async._protocol import EXTEND_PATH, Envelope
-from kling_async._transport import Transport
-from kling_async.errors import (
-    ConfigurationError,
-    KlingError,
-    NotFoundError,
-    TaskFailedError,
-    ValidationError,
-    WaitTimeoutError,
+from kling_async._account import Account
+from kling_async._config import (
+    check_count,
+    is_int_in,
+    is_seconds,
+    is_text,
+    resolve_auth,
+    resolve_base_url,
 )
+from kling_async._converter import parse_task_list
+from kling_async._models import BatchResult, ExtendRequest, PollPolicy, Task, Video
+from kling_async._tasks import Tasks
+from kling_async._transport import Transport
+from kling_async._types import CallbackSource, OnDownloadProgress, OnProgress, OnUpdate
+from kling_async.errors import ConfigurationError, ValidationError
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-    from kling_async._batch import BatchProgress
-
-logger = logging.getLogger("kling_async")
-
-DEFAULT_BASE_URL: Final = "https://api-singapore.klingai.com"
 MAX_PAGE_SIZE: Final = 500
-#: With callbacks, `wait_for_task` polls this many times less often (a backstop only).
-CALLBACK_BACKSTOP_FACTOR: Final = 3.0
-
-#: A callable told about every status change: sync or async.
-OnUpdate = Callable[[Task], "Awaitable[None] | None"]
-
-
-class CallbackSource(Protocol):
-    """What `wait_for_task(callbacks=...)` needs from a callback receiver."""
-
-    @property
-    def url(self) -> str:
-        """The public URL Kling should POST task updates to."""
-
-    def subscribe(self, task_id: str) -> CallbackSubscription:
-        """Start collecting callbacks for one task."""
-
-
-class CallbackSubscription(Protocol):
-    async def next(self, timeout: float) -> Task | None:
-        """The next task update that arrives within `timeout` seconds, else None."""
-
-    def close(self) -> None:
-        """Stop collecting."""
-
-
-def _env(name: str) -> str | None:
-    return os.environ.get(name) or None
-
-
-def _resolve_auth(api_key: str | None, access_key: str | None, secret_key: str | None) -> Auth:
-    if api_key is None and access_key is None and secret_key is None:
-        api_key = _env("KLING_API_KEY")
-        access_key = _env("KLING_ACCESS_KEY")
-        secret_key = _env("KLING_SECRET_KEY")
-    for name, value in (
-        ("api_key", api_key),
-        ("access_key", access_key),
-        ("secret_key", secret_key),
-    ):
-        if value is not None and not is_text(value):
-            raise ConfigurationError(f"{name} must be a non-empty string")
-    if api_key is not None:
-        return BearerAuth(api_key)
-    if access_key is not None and secret_key is not None:
-        return JWTAuth(access_key, secret_key)
-    if access_key is not None or secret_key is not None:
-        missing = "secret_key (KLING_SECRET_KEY)" if secret_key is None else "access_key"
-        raise ConfigurationError(
-            f"access_key and secret_key go together: {missing} is missing"
-            + (" (KLING_ACCESS_KEY)" if secret_key is not None else "")
-        )
-    raise ConfigurationError(
-        "no credentials: pass api_key= (a gateway's key) or access_key= and secret_key= "
-        "(official API), or set KLING_API_KEY, or KLING_ACCESS_KEY and KLING_SECRET_KEY"
-    )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _check_base_url(base_url: str, allow_insecure: bool) -> str:
-    try:
-        parts = urllib.parse.urlsplit(base_url)
-        host = parts.hostname
-    except ValueError:
-        raise ConfigurationError("base_url (KLING_BASE_URL) is not a valid URL") from None
-    if parts.scheme not in ("http", "https") or not host:
-        raise ConfigurationError("base_url (KLING_BASE_URL) must be an absolute http(s) URL")
-    if parts.username or parts.password or parts.query or parts.fragment:
-        raise ConfigurationError(
-            "base_url (KLING_BASE_URL) must not carry credentials, a query or a fragment"
-        )
-    if parts.scheme == "http" and not allow_insecure and not _is_loopback(host):
-        raise ConfigurationError(
-            f"base_url uses plain http:// to {host}, which would send credentials in clear "
-            "text; use https://, or pass allow_insecure=True if you really mean it"
-        )
-    return base_url.rstrip("/")
-
-
-def _check_count(name: str, value: object, minimum: int) -> int:
-    if not is_int_in(value, minimum, None):
-        raise ConfigurationError(f"{name} must be an integer of at least {minimum}")
-    assert isinstance(value, int)
-    return value
 
 
 class KlingClient:
@@ -184,24 +70,32 @@ class KlingClient:
         session: aiohttp.ClientSession | None = None,
         poll: PollPolicy | None = None,
         allow_insecure: bool = False,
+        account: Account | None = None,
     ) -> None:
-        auth = _resolve_auth(api_key, access_key, secret_key)
-        url = base_url if base_url is not None else (_env("KLING_BASE_URL") or DEFAULT_BASE_URL)
-        self.base_url = _check_base_url(url, allow_insecure)
+        auth = resolve_auth(api_key, access_key, secret_key)
+        self.base_url = resolve_base_url(base_url, allow_insecure)
         if not is_seconds(timeout) or not timeout:
             raise ConfigurationError("timeout must be a number of seconds above 0")
         if poll is not None and not isinstance(poll, PollPolicy):
             raise ConfigurationError("poll must be a PollPolicy")
+        if account is not None and not isinstance(account, Account):
+            raise ConfigurationError(
+                "account must be an InMemoryAccount, a kling_async.redis.RedisAccount or "
+                "another kling_async Account"
+            )
         self.poll = poll or PollPolicy()
+        #: Where the account's running-task slots are kept (None: not tracked).
+        self.account = account
         self._auth_kind = auth.kind
         self._transport = Transport(
             base_url=self.base_url,
             auth=auth,
-            max_in_flight=_check_count("max_in_flight", max_in_flight, 1),
-            max_retries=_check_count("max_retries", max_retries, 0),
+            max_in_flight=check_count("max_in_flight", max_in_flight, 1),
+            max_retries=check_count("max_retries", max_retries, 0),
             timeout=float(timeout),
             session=session,
         )
+        self._tasks = Tasks(self._transport, self.poll, account)
 
     def __repr__(self) -> str:
         state = "closed" if self._transport.closed else "open"
@@ -227,7 +121,10 @@ class KlingClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the client's own HTTP session (not one you passed in). Safe to repeat."""
+        """Close the client's own HTTP session (not one you passed in). Safe to repeat.
+
+        An account passed in is not closed: it may be shared with other clients.
+        """
         await self._transport.aclose()
 
     # -- create ------------------------------------------------------------------------
@@ -238,58 +135,16 @@ class KlingClient:
         The client sets `external_task_id` (a UUID) when the request has none, and after
         a failure that may have reached the service (timeout, dropped connection, 5xx, a
         garbled answer) it looks the task up by that id before it submits again, so a
-        retry never creates (and bills) a second task.
+        retry never creates (and bills) a second task. With an `account`, it first takes
+        a running-task slot (waiting while none is free), and a caller-given
+        `external_task_id` already created through the account returns that task.
 
         Returns:
             The new task, carrying the `external_task_id` that was sent.
         """
-        return await self.create(request)
-
-    async def create(
-        self,
-        request: ExtendRequest,
-        *,
-        retry_if: Callable[[BaseException], bool] = _protocol.is_retryable,
-        look_up_first: bool = False,
-    ) -> Task:
-        """`extend` with the knobs the batch runner needs (not part of the public API).
-
-        `retry_if` decides which failures are retried here; `look_up_first` looks the
-        task up by its external id before the first POST (a resumed batch item).
-        """
         if not isinstance(request, ExtendRequest):
             raise ValidationError("request", "must be an ExtendRequest", request)
-        body = request.to_body()
-        # Our own id for the task, so that after an ambiguous failure we can ask whether
-        # it exists instead of creating (and paying for) a second one.
-        external_id: str = request.external_task_id or uuid.uuid4().hex
-        body["external_task_id"] = external_id
-        transport = self._transport
-        maybe_created = look_up_first
-
-        def finish(envelope: Envelope) -> Task:
-            return parse_task(
-                envelope.data, request_id=envelope.request_id, external_task_id=external_id
-            )
-
-        async def attempt() -> Task:
-            nonlocal maybe_created
-            if maybe_created:
-                try:
-                    found = await transport.send("GET", _protocol.task_path(external_id))
-                except NotFoundError:
-                    maybe_created = False
-                else:
-                    logger.info("task with external_task_id %s already exists", external_id)
-                    return finish(found)
-            try:
-                return finish(await transport.send("POST", EXTEND_PATH, body=body))
-            except KlingError as error:
-                if _protocol.may_have_been_processed(error):
-                    maybe_created = True
-                raise
-
-        return await transport.retrying(attempt, name=f"POST {EXTEND_PATH}", retry_if=retry_if)
+        return await self._tasks.create(request)
 
     async def extend_video(
         self,
@@ -327,10 +182,10 @@ class KlingClient:
             raise ValidationError("task_id", "give exactly one of task_id and external_task_id")
         name = "task_id" if task_id is not None else "external_task_id"
         key = task_id if task_id is not None else external_task_id
-        if not isinstance(key, str) or not is_text(key):
+        if not is_text(key):
             raise ValidationError(name, "must be a non-empty string", key)
-        envelope = await self._transport.request("GET", _protocol.task_path(key))
-        return parse_task(envelope.data, request_id=envelope.request_id)
+        assert isinstance(key, str)
+        return await self._tasks.get(key)
 
     async def list_tasks(self, page: int = 1, page_size: int = 30) -> list[Task]:
         """One page of your tasks, newest first (`page` from 1, `page_size` 1 to 500)."""
@@ -340,10 +195,10 @@ class KlingClient:
             raise ValidationError(
                 "page_size", f"must be an integer from 1 to {MAX_PAGE_SIZE}", page_size
             )
-        envelope = await self._transport.request(
-            "GET", EXTEND_PATH, query=_protocol.list_query(page, page_size)
+        data, request_id = await self._transport.request(
+            "GET", _protocol.list_path(page, page_size)
         )
-        return parse_task_list(envelope.data, request_id=envelope.request_id)
+        return parse_task_list(data, request_id=request_id)
 
     async def iter_tasks(self, page_size: int = 100) -> AsyncIterator[Task]:
         """Every task, page by page, fetching the next page only when it is reached."""
@@ -357,15 +212,6 @@ class KlingClient:
             page += 1
 
     # -- wait --------------------------------------------------------------------------
-
-    def _intervals(self) -> Iterator[float]:
-        policy = self.poll
-        growth = backoff.expo(
-            base=policy.factor, factor=policy.initial, max_value=policy.max_interval
-        )
-        next(growth)  # backoff's generators are primed before use
-        for interval in growth:
-            yield interval * random.uniform(1 - policy.jitter, 1 + policy.jitter)
 
     async def wait_for_task(
         self,
@@ -401,52 +247,9 @@ class KlingClient:
             raise ValidationError("task_or_id", "must be a Task or a task id", task_or_id)
         if not is_seconds(timeout):
             raise ValidationError("timeout", "must be a number of seconds, 0 or more", timeout)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        intervals = self._intervals()
-        seen = last.raw_status if last is not None else None
-        delay = next(intervals) if last is not None else 0.0
-        subscription = callbacks.subscribe(task_id) if callbacks is not None else None
-        try:
-            while True:
-                if last is not None and last.is_terminal:
-                    if last.failed:
-                        raise TaskFailedError(last)
-                    return last
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise WaitTimeoutError(
-                        last or Task(task_id=task_id, status=TaskStatus.UNKNOWN), timeout
-                    )
-                update = None
-                if subscription is not None:
-                    # Callbacks carry the news; polls are only the backstop, so slower.
-                    backstop = delay * CALLBACK_BACKSTOP_FACTOR
-                    update = await subscription.next(min(backstop, remaining))
-                elif delay > 0:
-                    await asyncio.sleep(min(delay, remaining))
-                if update is None and loop.time() < deadline:
-                    update = await self._poll_once(task_id, deadline - loop.time())
-                if update is not None:
-                    if update.raw_status != seen:
-                        seen = update.raw_status
-                        await call_back(on_update, update)
-                    last = update
-                delay = next(intervals)
-        finally:
-            if subscription is not None:
-                subscription.close()
-
-    async def _poll_once(self, task_id: str, remaining: float) -> Task | None:
-        try:
-            return await within(self.get_task(task_id), remaining)
-        except asyncio.TimeoutError:
-            return None
-        except KlingError as error:
-            if not _protocol.is_retryable(error):
-                raise
-            logger.warning("polling task %s failed (%s); will look again", task_id, error)
-            return None
+        return await self._tasks.wait(
+            task_id, last, timeout=timeout, on_update=on_update, callbacks=callbacks
+        )
 
     async def extend_and_wait(
         self,
@@ -456,13 +259,16 @@ class KlingClient:
         on_update: OnUpdate | None = None,
         callbacks: CallbackSource | None = None,
     ) -> Task:
-        """`extend`, then `wait_for_task` (with the receiver's URL as `callback_url`)."""
-        if callbacks is not None and request.callback_url is None:
-            request = attrs.evolve(request, callback_url=callbacks.url)
-        task = await self.extend(request)
-        await call_back(on_update, task)
-        return await self.wait_for_task(
-            task, timeout=timeout, on_update=on_update, callbacks=callbacks
+        """`extend`, then `wait_for_task` (with the receiver's URL as `callback_url`).
+
+        With an account, the wait for a running-task slot counts against `timeout` too.
+        """
+        if not isinstance(request, ExtendRequest):
+            raise ValidationError("request", "must be an ExtendRequest", request)
+        if not is_seconds(timeout):
+            raise ValidationError("timeout", "must be a number of seconds, 0 or more", timeout)
+        return await self._tasks.extend_and_wait(
+            request, timeout=timeout, on_update=on_update, callbacks=callbacks
         )
 
     # -- on top ------------------------------------------------------------------------
@@ -499,7 +305,9 @@ class KlingClient:
         """
         from kling_async._chain import extend_chain
 
-        return await extend_chain(self, video_id, prompts, parent_task_id=parent_task_id, **options)
+        return await extend_chain(
+            self._tasks, video_id, prompts, parent_task_id=parent_task_id, **options
+        )
 
     def extend_many(
         self,
@@ -508,9 +316,9 @@ class KlingClient:
         concurrency: int | None = None,
         wait: bool = True,
         journal: str | os.PathLike[str] | None = None,
-        on_progress: Callable[[BatchProgress], Awaitable[None] | None] | None = None,
+        on_progress: OnProgress | None = None,
         callbacks: CallbackSource | None = None,
-    ) -> AsyncIterator[BatchResult]:
+    ) -> AsyncGenerator[BatchResult, None]:
         """Run many extensions, yielding one `BatchResult` per input as each finishes.
 
         The input (any iterable or async iterable) is read lazily. At most
@@ -534,9 +342,9 @@ class KlingClient:
         from kling_async._batch import extend_many
 
         return extend_many(
-            self,
+            self._tasks,
             requests,
-            concurrency=concurrency,
+            concurrency=self.max_in_flight if concurrency is None else concurrency,
             wait=wait,
             journal=os.fspath(journal) if journal is not None else None,
             on_progress=on_progress,
@@ -549,7 +357,7 @@ class KlingClient:
         dest: str | os.PathLike[str],
         *,
         overwrite: bool = False,
-        on_progress: Callable[[int, int | None], Awaitable[None] | None] | None = None,
+        on_progress: OnDownloadProgress | None = None,
     ) -> Path:
         """Save a result video to `dest` (a directory gets ``<video id>.mp4``).
 

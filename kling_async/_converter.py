@@ -1,236 +1,252 @@
-"""The one cattrs converter: the service's JSON shapes to and from our models.
+"""The one cattrs converter: every JSON shape of the service to and from our models.
 
-The wire shape of a task (``task_status``, ``task_info.parent_video``, millisecond
-timestamps, durations as strings) is described by private attrs classes that cattrs
-structures with full field paths in its errors; `Task` is built from that, and
-unstructures back to the same wire shape, so a task read from a journal or printed by
-the CLI looks exactly like what the service sends.
+Registered on it, and nowhere else:
 
-The converter is strict where cattrs is lenient by default: a string is never read as
-a bool or a number (``"false"`` does not become True), and a bool is never a number.
+- `ExtendRequest` ⇄ the create body: ``watermark`` is sent as ``watermark_info:
+  {"enabled": ...}``, ``parent_task_id`` as ``task_id``, None fields are left out.
+  Structuring a create body gives the `ExtendRequest` (validated; the simulator checks
+  what it receives this way).
+- `Task` ⇄ the service's task: ``task_status`` → `status`, ``task_info.parent_video``,
+  millisecond timestamps → UTC datetimes, durations as strings → floats. Both callback
+  formats structure to a `Task` too: the task object itself, and the newer
+  ``id``/``status``/``outputs`` one.
+
+Tasks are parsed on every answer, so the `Task` hook is written by hand rather than
+generated: it is the only task parser, it is strict where cattrs is lenient by default
+(``"false"`` is never a bool, a bool is never a number, a list is never an object), and
+it names the path of the first bad field (``data.task_result.videos[0].duration``).
+docs/performance.md has the measurement that justifies writing it by hand.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
-import cattrs
-import cattrs.gen
-from cattrs.preconf.orjson import make_converter
 
 from kling_async._models import ExtendRequest, Task, TaskStatus, Video
 from kling_async.errors import ResponseFormatError, ValidationError
 
-T = TypeVar("T")
+__all__ = [
+    "converter",
+    "parse_callback",
+    "parse_task",
+    "parse_task_list",
+    "request_body",
+    "request_from_fields",
+]
 
-converter = make_converter()
+if TYPE_CHECKING:
+    from cattrs.preconf.orjson import OrjsonConverter
+
+    #: The converter (built on first use: importing cattrs is not free, and the request
+    #: path needs only `request_body` and `parse_task`).
+    converter: OrjsonConverter
+
+#: The newer callback format's statuses that differ from the task object's.
+_NEW_STATUSES: Final = {"succeeded": "succeed"}
+_REQUEST_FIELDS: Final = frozenset(a.name for a in attrs.fields(ExtendRequest))
 
 
-def _strict(kind: type[T], accepts: tuple[type, ...], what: str) -> Callable[[Any, Any], T]:
-    def structure(value: Any, _: Any) -> T:
-        if isinstance(value, bool) and kind is not bool:
-            raise TypeError(f"expected {what}, got bool")
-        if not isinstance(value, accepts):
-            raise TypeError(f"expected {what}, got {type(value).__name__}")
-        return value  # type: ignore[return-value]
-
-    return structure
+# -- the create body --------------------------------------------------------------------
 
 
-def _structure_seconds(value: Any, _: Any) -> float:
-    # Durations come as strings of seconds ("9.9"); accept plain numbers too.
-    if isinstance(value, bool):
-        raise TypeError("expected seconds, got bool")
-    if isinstance(value, str):
+def request_body(request: ExtendRequest) -> dict[str, Any]:
+    """The JSON body of a create request (None fields left out)."""
+    body: dict[str, Any] = {"video_id": request.video_id, "prompt": request.prompt}
+    if request.negative_prompt is not None:
+        body["negative_prompt"] = request.negative_prompt
+    if request.cfg_scale is not None:
+        body["cfg_scale"] = request.cfg_scale
+    if request.callback_url is not None:
+        body["callback_url"] = request.callback_url
+    if request.external_task_id is not None:
+        body["external_task_id"] = request.external_task_id
+    if request.watermark is not None:
+        body["watermark_info"] = {"enabled": request.watermark}
+    if request.parent_task_id is not None:
+        body["task_id"] = request.parent_task_id
+    return body
+
+
+def _request_from_body(body: Any, _: Any = None) -> ExtendRequest:
+    """The `ExtendRequest` a create body describes (the inverse of `request_body`)."""
+    if not isinstance(body, dict):
+        raise ValidationError("body", "must be a JSON object", body)
+    fields = dict(body)
+    if "watermark_info" in fields:
+        info = fields.pop("watermark_info")
+        if not isinstance(info, dict) or set(info) - {"enabled"}:
+            raise ValidationError("watermark_info", 'must be {"enabled": true|false}', info)
+        fields["watermark"] = info.get("enabled")
+    if "task_id" in fields:
+        fields["parent_task_id"] = fields.pop("task_id")
+    for wire_only in ("watermark", "parent_task_id"):
+        if wire_only in body:  # the wire names are the only names on the wire
+            raise ValidationError(wire_only, "is not a field of the create body")
+    return request_from_fields(fields)
+
+
+def request_from_fields(fields: Mapping[str, Any]) -> ExtendRequest:
+    """An `ExtendRequest` from its field names (a row of a batch file, say).
+
+    Raises:
+        ValidationError: an unknown field (a typo must not silently drop a setting), a
+            missing required one, or a value that breaks a rule.
+    """
+    for key in fields:
+        if key not in _REQUEST_FIELDS:
+            raise ValidationError(str(key), "is not a field of an extension request")
+    for required in ("video_id", "prompt"):
+        if required not in fields:
+            raise ValidationError(required, "is required")
+    return ExtendRequest(**fields)
+
+
+# -- tasks ------------------------------------------------------------------------------
+
+
+class _Bad(Exception):
+    """A field of the wrong shape: where, and why."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+
+
+def _kind(value: object) -> str:
+    return "bool" if isinstance(value, bool) else type(value).__name__
+
+
+def _text(value: Any, path: str, *, optional: bool = True) -> str | None:
+    if type(value) is str or (value is None and optional):
+        return value
+    raise _Bad(path, f"expected a string, got {_kind(value)}")
+
+
+def _object(value: Any, path: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if type(value) is dict:
+        return value
+    raise _Bad(path, f"expected an object, got {_kind(value)}")
+
+
+def _seconds(value: Any, path: str) -> float:
+    # Durations come as strings of seconds ("9.9"); plain numbers are accepted too.
+    if type(value) is str:
         try:
             seconds = float(value)
         except ValueError:
-            raise ValueError(f"expected seconds, got {value!r}") from None
-    elif isinstance(value, (int, float)):
+            raise _Bad(path, f"expected seconds, got {value!r}") from None
+    elif type(value) in (int, float):
         seconds = float(value)
     else:
-        raise TypeError(f"expected seconds, got {type(value).__name__}")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"expected a non-negative duration, got {value!r}")
+        raise _Bad(path, f"expected seconds, got {_kind(value)}")
+    if not 0 <= seconds < float("inf"):
+        raise _Bad(path, f"expected a non-negative duration, got {value!r}")
     return seconds
 
 
-converter.register_structure_hook(str, _strict(str, (str,), "a string"))
-converter.register_structure_hook(int, _strict(int, (int,), "an integer"))
-converter.register_structure_hook(bool, _strict(bool, (bool,), "true or false"))
-converter.register_structure_hook(float, _structure_seconds)
-
-
-@attrs.define
-class _WireVideo:
-    id: str
-    url: str = ""
-    duration: float = 0.0
-
-
-@attrs.define
-class _WireTaskInfo:
-    parent_video: _WireVideo | None = None
-    external_task_id: str | None = None
-
-
-@attrs.define
-class _WireTaskResult:
-    videos: list[_WireVideo] | None = None
-
-
-@attrs.define
-class _WireTask:
-    task_id: str
-    task_status: str
-    task_status_msg: str | None = None
-    task_info: _WireTaskInfo | None = None
-    task_result: _WireTaskResult | None = None
-    created_at: datetime | None = None
-    updated_at: datetime | None = None
-    # Not part of the service's task: the request id of the answer that carried it.
-    request_id: str | None = None
-
-
-def _objects_only(cls: type[T]) -> Callable[[Any, Any], T]:
-    # cattrs reads fields with `"name" in value`, which a list or a string also answers:
-    # insist on a JSON object so `"task_info": []` is an error, not an empty object.
-    generated = cattrs.gen.make_dict_structure_fn(cls, converter)
-
-    def structure(value: Any, kind: Any) -> T:
-        if not isinstance(value, dict):
-            raise TypeError(f"expected an object, got {type(value).__name__}")
-        return generated(value, kind)
-
-    return structure
-
-
-def _structure_millis(value: Any, _: Any) -> datetime:
+def _millis(value: Any, path: str) -> datetime | None:
     # Timestamps are Unix milliseconds; they become UTC-aware datetimes.
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"expected Unix milliseconds, got {type(value).__name__}")
+    if value is None:
+        return None
+    if type(value) not in (int, float):
+        raise _Bad(path, f"expected Unix milliseconds, got {_kind(value)}")
     try:
         return datetime.fromtimestamp(value / 1000, tz=timezone.utc)
     except (OverflowError, OSError, ValueError):
-        raise ValueError(f"timestamp out of range: {value}") from None
+        raise _Bad(path, f"timestamp out of range: {value}") from None
 
 
-converter.register_structure_hook(datetime, _structure_millis)
+def _required(data: dict[str, Any], key: str, root: str) -> Any:
+    if key not in data:
+        raise _Bad(f"{root}.{key}", "required field missing")
+    return data[key]
 
 
-def _to_millis(value: datetime | None) -> int | None:
-    return None if value is None else round(value.timestamp() * 1000)
+def _video(value: Any, path: str) -> Video:
+    if type(value) is not dict:
+        raise _Bad(path, f"expected an object, got {_kind(value)}")
+    video_id = _text(_required(value, "id", path), f"{path}.id", optional=False)
+    url = _text(value.get("url", ""), f"{path}.url", optional=False)
+    duration = _seconds(value.get("duration", 0.0), f"{path}.duration")
+    return Video(id=video_id, url=url, duration=duration)  # type: ignore[arg-type]
 
 
-for _wire_class in (_WireVideo, _WireTaskInfo, _WireTaskResult, _WireTask):
-    converter.register_structure_hook(_wire_class, _objects_only(_wire_class))
-
-
-def _video(wire: _WireVideo) -> Video:
-    return Video(id=wire.id, url=wire.url, duration=wire.duration)
-
-
-def _structure_task(value: Any, _: Any) -> Task:
-    return task_from_wire(converter.structure(value, _WireTask))
-
-
-def task_from_wire(
-    wire: _WireTask, *, request_id: str | None = None, external_task_id: str | None = None
+def _task(
+    data: Any, root: str, request_id: str | None = None, external_task_id: str | None = None
 ) -> Task:
-    """The public `Task` of a structured wire task (defaults fill what the wire lacks)."""
-    info = wire.task_info or _WireTaskInfo()
-    videos = (wire.task_result.videos if wire.task_result else None) or []
+    if type(data) is not dict:
+        raise _Bad(root, f"expected a task object, got {_kind(data)}")
+    if "task_id" not in data and "id" in data and "status" in data:
+        data = _from_new_callback(data, root)
+    task_id = _text(_required(data, "task_id", root), f"{root}.task_id", optional=False)
+    status = _text(_required(data, "task_status", root), f"{root}.task_status", optional=False)
+    message = _text(data.get("task_status_msg"), f"{root}.task_status_msg")
+    info = _object(data.get("task_info"), f"{root}.task_info")
+    result = _object(data.get("task_result"), f"{root}.task_result")
+    external = _text(info.get("external_task_id"), f"{root}.task_info.external_task_id")
+    parent = info.get("parent_video")
+    raw_videos = result.get("videos")
+    if raw_videos is None:
+        raw_videos = []
+    elif type(raw_videos) is not list:
+        raise _Bad(f"{root}.task_result.videos", f"expected a list, got {_kind(raw_videos)}")
+    wire_request_id = _text(data.get("request_id"), f"{root}.request_id")
     return Task(
-        task_id=wire.task_id,
-        status=TaskStatus.parse(wire.task_status),
-        status_message=wire.task_status_msg or "",
-        created_at=wire.created_at,
-        updated_at=wire.updated_at,
-        external_task_id=info.external_task_id or external_task_id,
-        parent_video=_video(info.parent_video) if info.parent_video else None,
-        videos=tuple(_video(v) for v in videos),
-        raw_status=wire.task_status,
-        request_id=request_id if request_id is not None else wire.request_id,
+        task_id=task_id,  # type: ignore[arg-type]
+        status=TaskStatus.parse(status),  # type: ignore[arg-type]
+        status_message=message or "",
+        created_at=_millis(data.get("created_at"), f"{root}.created_at"),
+        updated_at=_millis(data.get("updated_at"), f"{root}.updated_at"),
+        external_task_id=external or external_task_id,
+        parent_video=None if parent is None else _video(parent, f"{root}.task_info.parent_video"),
+        videos=tuple(
+            _video(v, f"{root}.task_result.videos[{i}]") for i, v in enumerate(raw_videos)
+        ),
+        raw_status=status,  # type: ignore[arg-type]
+        request_id=request_id if request_id is not None else wire_request_id,
     )
 
 
-def _fast_video(value: Any) -> Video | None:
-    if type(value) is not dict:
-        return None
-    video_id, url = value.get("id"), value.get("url", "")
-    if type(video_id) is not str or type(url) is not str:
-        return None
-    return Video(id=video_id, url=url, duration=_structure_seconds(value.get("duration", 0.0), 0))
-
-
-def _fast_millis(value: Any) -> datetime | None:
-    if value is None:
-        return None
-    if type(value) is not int:
-        raise TypeError  # anything else takes the checked path
-    return datetime.fromtimestamp(value / 1000, tz=timezone.utc)
-
-
-def _fast_task(data: dict[str, Any], request_id: str | None, external: str | None) -> Task | None:
-    """The common, well-formed task without cattrs' bookkeeping; None for anything else.
-
-    Tasks are parsed on every answer, and this path is about three times faster. It
-    accepts only plain shapes and gives up (returns None, so the cattrs path decides,
-    with its precise errors) on anything unusual; a Hypothesis test checks that both
-    paths agree on every task this one accepts.
-    """
-    try:
-        task_id, status = data["task_id"], data["task_status"]
-        message = data.get("task_status_msg")
-        info = data.get("task_info")
-        info = {} if info is None else info
-        result = data.get("task_result")
-        result = {} if result is None else result
-        if (
-            type(task_id) is not str
-            or type(status) is not str
-            or not (message is None or type(message) is str)
-            or type(info) is not dict
-            or type(result) is not dict
-        ):
-            return None
-        wire_external = info.get("external_task_id")
-        parent = info.get("parent_video")
-        wire_videos = result.get("videos")
-        wire_videos = [] if wire_videos is None else wire_videos
-        wire_request_id = data.get("request_id")
-        if (
-            not (wire_external is None or type(wire_external) is str)
-            or type(wire_videos) is not list
-            or not (wire_request_id is None or type(wire_request_id) is str)
-        ):
-            return None
-        parent_video = None if parent is None else _fast_video(parent)
-        videos = tuple(_fast_video(v) for v in wire_videos)
-        if (parent is not None and parent_video is None) or None in videos:
-            return None
-        return Task(
-            task_id=task_id,
-            status=TaskStatus.parse(status),
-            status_message=message or "",
-            created_at=_fast_millis(data.get("created_at")),
-            updated_at=_fast_millis(data.get("updated_at")),
-            external_task_id=wire_external or external,
-            parent_video=parent_video,
-            videos=videos,  # type: ignore[arg-type]  # None was ruled out above
-            raw_status=status,
-            request_id=request_id if request_id is not None else wire_request_id,
-        )
-    except (KeyError, TypeError, ValueError, OverflowError, OSError):
-        return None
+def _from_new_callback(data: Mapping[str, Any], root: str) -> dict[str, Any]:
+    """The newer callback format (``id``, ``status``, ``outputs``...) as a task object."""
+    status = data["status"]
+    task: dict[str, Any] = {
+        "task_id": data["id"],
+        "task_status": _NEW_STATUSES.get(status, status) if type(status) is str else status,
+    }
+    renames = {"message": "task_status_msg", "create_time": "created_at"}
+    renames["update_time"] = "updated_at"
+    task.update((new, data[old]) for old, new in renames.items() if data.get(old) is not None)
+    if data.get("external_id") is not None:
+        task["task_info"] = {"external_task_id": data["external_id"]}
+    outputs = data.get("outputs")
+    if outputs is not None:
+        if type(outputs) is not list:
+            raise _Bad(f"{root}.outputs", f"expected a list, got {_kind(outputs)}")
+        task["task_result"] = {
+            "videos": [
+                {key: output[key] for key in ("id", "url", "duration") if key in output}
+                if type(output) is dict
+                else output  # not an object: the task parser names it
+                for output in outputs
+                if type(output) is not dict or output.get("type", "video") == "video"
+            ]
+        }
+    return task
 
 
 def _unstructure_video(video: Video) -> dict[str, Any]:
     return {"id": video.id, "url": video.url, "duration": str(video.duration)}
+
+
+def _millis_of(value: datetime | None) -> int | None:
+    return None if value is None else round(value.timestamp() * 1000)
 
 
 def _unstructure_task(task: Task) -> dict[str, Any]:
@@ -245,61 +261,29 @@ def _unstructure_task(task: Task) -> dict[str, Any]:
         "task_status_msg": task.status_message,
         "task_info": info,
         "task_result": {"videos": [_unstructure_video(v) for v in task.videos]},
-        "created_at": _to_millis(task.created_at),
-        "updated_at": _to_millis(task.updated_at),
+        "created_at": _millis_of(task.created_at),
+        "updated_at": _millis_of(task.updated_at),
+        "request_id": task.request_id,
     }
-    if task.request_id is not None:
-        document["request_id"] = task.request_id
     return {key: value for key, value in document.items() if value is not None}
 
 
-def _structure_request(value: Any, _: Any) -> ExtendRequest:
-    if not isinstance(value, dict):
-        raise TypeError(f"expected an object, got {type(value).__name__}")
-    fields = {a.name for a in attrs.fields(ExtendRequest)}
-    for key in value:
-        if key not in fields:  # a typo must not silently drop a setting
-            raise ValidationError(str(key), "is not a field of an extension request")
-    return ExtendRequest(**value)
+def _structure_task(data: Any, _: Any) -> Task:
+    return parse_task(data)
 
 
-_structure_wire_task = converter.get_structure_hook(_WireTask)
-converter.register_structure_hook(Task, _structure_task)
-converter.register_unstructure_hook(Task, _unstructure_task)
-converter.register_structure_hook(ExtendRequest, _structure_request)
-converter.register_unstructure_hook(
-    ExtendRequest,
-    lambda request: {
-        a.name: getattr(request, a.name)
-        for a in attrs.fields(ExtendRequest)
-        if getattr(request, a.name) is not None
-    },
-)
+def __getattr__(name: str) -> Any:
+    if name != "converter":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from cattrs.preconf.orjson import make_converter
 
-
-def _error_path(error: Exception, root: str) -> str:
-    messages = cattrs.transform_error(error, path=root)
-    for message in messages:
-        if " @ " in message:
-            return message.rsplit(" @ ", 1)[1]
-    return root
-
-
-def _error_reason(error: Exception, root: str) -> str:
-    leaf: BaseException = error
-    while isinstance(leaf, cattrs.BaseValidationError) and leaf.exceptions:
-        leaf = leaf.exceptions[0]
-    if isinstance(leaf, (TypeError, ValueError)) and str(leaf):
-        return str(leaf)
-    messages = cattrs.transform_error(error, path=root)
-    return messages[0].rsplit(" @ ", 1)[0] if messages else type(leaf).__name__
-
-
-def _format_error(error: Exception, root: str) -> ResponseFormatError:
-    """A cattrs failure as our error, naming the path of the first bad field."""
-    return ResponseFormatError(
-        f"unexpected answer ({_error_reason(error, root)})", path=_error_path(error, root)
-    )
+    made = make_converter()
+    made.register_unstructure_hook(ExtendRequest, request_body)
+    made.register_structure_hook(ExtendRequest, _request_from_body)
+    made.register_unstructure_hook(Task, _unstructure_task)
+    made.register_structure_hook(Task, _structure_task)
+    globals()["converter"] = made
+    return made
 
 
 def parse_task(
@@ -309,30 +293,42 @@ def parse_task(
     root: str = "data",
     external_task_id: str | None = None,
 ) -> Task:
-    """A `Task` from an answer's ``data``; `request_id` is the envelope's.
+    """A `Task` from an answer's ``data`` (or a callback body, with ``root="body"``).
 
-    `external_task_id` fills in the id we sent when the answer leaves it out.
+    `request_id` is the envelope's; `external_task_id` fills in the id we sent when the
+    answer leaves it out.
+
+    Raises:
+        ResponseFormatError: a field of the wrong shape, naming its path.
     """
-    if not isinstance(data, dict):
-        raise ResponseFormatError(
-            f"unexpected answer (expected a task object, got {type(data).__name__})", path=root
-        )
-    task = _fast_task(data, request_id, external_task_id)
-    if task is not None:
-        return task
     try:
-        wire = _structure_wire_task(data, _WireTask)
-    except (cattrs.BaseValidationError, TypeError, ValueError, AttributeError) as error:
-        raise _format_error(error, root) from None
-    return task_from_wire(wire, request_id=request_id, external_task_id=external_task_id)
+        return _task(data, root, request_id, external_task_id)
+    except _Bad as bad:
+        raise ResponseFormatError(f"unexpected answer ({bad.reason})", path=bad.path) from None
+
+
+def parse_callback(document: Any) -> Task:
+    """A `Task` from a decoded callback body, in either callback format.
+
+    Raises:
+        ResponseFormatError: not an object, or not a task (the path is named).
+    """
+    if (
+        type(document) is dict
+        and "task_id" not in document
+        and ("id" not in document or "status" not in document)
+    ):
+        raise ResponseFormatError(
+            "callback body is not a task (no task_id, and no id and status)", path="body"
+        )
+    return parse_task(document, root="body")
 
 
 def parse_task_list(data: Any, *, request_id: str | None = None) -> list[Task]:
     """The tasks of one page of the list call."""
-    if not isinstance(data, list):
+    if type(data) is not list:
         raise ResponseFormatError(
-            f"unexpected answer (expected a list of tasks, got {type(data).__name__})",
-            path="data",
+            f"unexpected answer (expected a list of tasks, got {_kind(data)})", path="data"
         )
     return [
         parse_task(item, request_id=request_id, root=f"data[{i}]") for i, item in enumerate(data)

@@ -18,20 +18,17 @@ import pathlib
 import re
 import tempfile
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import IO, Final
 
 import aiohttp
 
 from kling_async import _protocol
-from kling_async._checks import is_http_url
 from kling_async._hooks import call_back
-from kling_async._models import Task, Video
+from kling_async._models import Task, Video, is_http_url
 from kling_async._transport import Transport, connection_error
+from kling_async._types import OnDownloadProgress as OnProgress
 from kling_async.errors import APIConnectionError, ValidationError
-
-#: A callable told ``(bytes_done, bytes_total_or_None)`` as a download progresses.
-OnProgress = Callable[[int, "int | None"], "Awaitable[None] | None"]
 
 CHUNK_SIZE: Final = 64 * 1024
 #: File names are cut to this many characters (most file systems allow 255 bytes).
@@ -82,9 +79,7 @@ async def download(
     shown = _without_query(url)
     fetch = _Fetch(transport, url, shown, on_progress)
     with _part_file(target) as part:
-        await transport.retrying(
-            lambda: fetch.attempt(part), name=f"GET {shown}", retry_if=_protocol.is_retryable
-        )
+        await transport.retrying(fetch.attempt, "GET", shown, part)
         if not overwrite and target.exists():  # created while we were downloading
             raise _file_exists(target)
         await _finish(part, target)
@@ -230,7 +225,8 @@ class _Fetch:
             sock_read=base.sock_read,
         )
 
-    async def attempt(self, part: _PartFile) -> None:
+    async def attempt(self, method: str, shown: str, part: _PartFile) -> None:
+        """One try: GET what is missing (`method` and `shown` are for the retry log)."""
         # identity: Content-Length must count the bytes we write, not compressed ones.
         headers = {"Accept-Encoding": "identity"}
         if part.size and self._resumable:

@@ -8,31 +8,85 @@ from __future__ import annotations
 
 import enum
 import math
+import re
+import urllib.parse
 from datetime import datetime
 from typing import Any
 
 import attrs
 
-from kling_async import _protocol
-from kling_async._checks import has_whitespace, is_http_url
 from kling_async.errors import KlingError, ValidationError
 
-__all__ = ["BatchResult", "ExtendRequest", "PollPolicy", "Task", "TaskStatus", "Video"]
+__all__ = [
+    "BatchProgress",
+    "BatchResult",
+    "ExtendRequest",
+    "PollPolicy",
+    "Task",
+    "TaskStatus",
+    "Video",
+]
 
 #: The longest prompt (and negative prompt) the service accepts, in characters.
 MAX_PROMPT_LENGTH = 2500
+#: The longest external task id we send.
+MAX_EXTERNAL_ID_LENGTH = 256
+
+_WHITESPACE = re.compile(r"\s")
 
 
-def _check_text(max_length: int | None, *, non_blank: bool) -> Any:
+def is_http_url(value: object, *, for_callbacks: bool = False) -> bool:
+    """An absolute http(s) URL with a host, a valid port and no whitespace.
+
+    `for_callbacks`: also no ``user:password@`` (it would be sent to Kling in clear) and no
+    fragment (a fragment never reaches a server).
+    """
+    if not isinstance(value, str) or _WHITESPACE.search(value) is not None:
+        return False
+    try:
+        parts = urllib.parse.urlsplit(value)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a port outside 0-65535
+    except ValueError:
+        return False
+    if for_callbacks and (parts.username is not None or parts.password is not None):
+        return False
+    if for_callbacks and (parts.fragment or "#" in value):
+        return False
+    return parts.scheme in ("http", "https") and bool(host)
+
+
+def _empty_is_none(value: object) -> object:
+    # An empty optional field means "not given" (the endpoint page's own example sends
+    # "negative_prompt": "" and "callback_url": "").
+    return None if value == "" else value
+
+
+def _check_id(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is None and attribute.default is None:
+        return
+    if not isinstance(value, str):
+        raise ValidationError(attribute.name, "must be a string", value)
+    if not value or _WHITESPACE.search(value) is not None:
+        raise ValidationError(attribute.name, "must be non-empty with no whitespace", value)
+    if len(value) > MAX_EXTERNAL_ID_LENGTH:
+        raise ValidationError(
+            attribute.name, f"must be at most {MAX_EXTERNAL_ID_LENGTH} characters", value
+        )
+
+
+def _check_prompt(*, required: bool) -> Any:
     def check(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if value is None and attribute.default is None:
+        if value is None and not required:
             return
         if not isinstance(value, str):
             raise ValidationError(attribute.name, "must be a string", value)
-        if non_blank and (not value or has_whitespace(value)):
-            raise ValidationError(attribute.name, "must be non-empty with no whitespace", value)
-        if max_length is not None and len(value) > max_length:
-            raise ValidationError(attribute.name, f"must be at most {max_length} characters", value)
+        if required and not value.strip():
+            raise ValidationError(attribute.name, "must have some non-space text", value)
+        if len(value) > MAX_PROMPT_LENGTH:
+            raise ValidationError(
+                attribute.name, f"must be at most {MAX_PROMPT_LENGTH} characters", value
+            )
 
     return check
 
@@ -42,13 +96,18 @@ def _check_cfg_scale(instance: object, attribute: attrs.Attribute[Any], value: o
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValidationError("cfg_scale", "must be a number from 0 to 1", value)
-    if math.isnan(value) or not 0 <= value <= 1:
+    # Compared without converting to float: 10**400 is an int no float can hold.
+    if value != value or not 0 <= value <= 1:
         raise ValidationError("cfg_scale", "must be a number from 0 to 1", value)
 
 
-def _check_url(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if value is not None and not is_http_url(value):
-        raise ValidationError(attribute.name, "must be an absolute http(s) URL", value)
+def _check_callback_url(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None and not is_http_url(value, for_callbacks=True):
+        raise ValidationError(
+            attribute.name,
+            "must be an absolute http(s) URL with a valid port, no user:password@ and no #fragment",
+            value,
+        )
 
 
 def _check_optional_bool(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -60,42 +119,30 @@ def _check_optional_bool(instance: object, attribute: attrs.Attribute[Any], valu
 class ExtendRequest:
     """One video extension, checked when it is built.
 
+    An empty string for an optional text field (`negative_prompt`, `callback_url`)
+    means "not given", as in the endpoint page's own example.
+
     Raises:
         ValidationError: naming the field, the kind of value given and the rule it broke.
     """
 
-    video_id: str = attrs.field(validator=_check_text(None, non_blank=True))
-    #: Required by the gateways' schema; at most 2500 characters (may be empty).
-    prompt: str = attrs.field(validator=_check_text(MAX_PROMPT_LENGTH, non_blank=False))
+    video_id: str = attrs.field(validator=_check_id)
+    #: Required, with some non-space text; at most 2500 characters.
+    prompt: str = attrs.field(validator=_check_prompt(required=True))
     negative_prompt: str | None = attrs.field(
-        default=None, validator=_check_text(MAX_PROMPT_LENGTH, non_blank=False)
+        default=None, converter=_empty_is_none, validator=_check_prompt(required=False)
     )
     #: How closely to follow the prompt, from 0 to 1.
     cfg_scale: float | None = attrs.field(default=None, validator=_check_cfg_scale)
-    callback_url: str | None = attrs.field(default=None, validator=_check_url)
-    #: Your own id for the task; the client makes one up (a UUID) when you leave it out.
-    external_task_id: str | None = attrs.field(
-        default=None, validator=_check_text(256, non_blank=True)
+    callback_url: str | None = attrs.field(
+        default=None, converter=_empty_is_none, validator=_check_callback_url
     )
+    #: Your own id for the task; the client makes one up (a UUID) when you leave it out.
+    external_task_id: str | None = attrs.field(default=None, validator=_check_id)
     #: Sent as ``watermark_info: {"enabled": ...}``.
     watermark: bool | None = attrs.field(default=None, validator=_check_optional_bool)
     #: The task that made `video_id`, for gateways that ask for it (sent as ``task_id``).
-    parent_task_id: str | None = attrs.field(
-        default=None, validator=_check_text(None, non_blank=True)
-    )
-
-    def to_body(self) -> dict[str, Any]:
-        """The JSON body of the create request (None fields left out)."""
-        return _protocol.create_body(
-            video_id=self.video_id,
-            prompt=self.prompt,
-            negative_prompt=self.negative_prompt,
-            cfg_scale=self.cfg_scale,
-            callback_url=self.callback_url,
-            external_task_id=self.external_task_id,
-            watermark=self.watermark,
-            parent_task_id=self.parent_task_id,
-        )
+    parent_task_id: str | None = attrs.field(default=None, validator=_check_id)
 
 
 class TaskStatus(str, enum.Enum):
@@ -189,6 +236,28 @@ class PollPolicy:
     factor: float = attrs.field(default=1.5, validator=_check_factor)
     max_interval: float = attrs.field(default=15.0, validator=_check_positive)
     jitter: float = attrs.field(default=0.1, validator=_check_jitter)
+
+
+@attrs.frozen
+class BatchProgress:
+    """A snapshot of a running batch, handed to `extend_many`'s `on_progress`."""
+
+    #: Items whose task has been created so far.
+    submitted: int
+    #: Items whose task is created and not yet finished (``wait=True`` only).
+    running: int
+    #: Items finished without an error.
+    succeeded: int
+    #: Items finished with an error.
+    failed: int
+    #: Items read from the input that have no task yet.
+    pending: int
+    #: How many tasks the account lets run at once right now (lowered by 1303 answers).
+    concurrency: int
+    #: 1303 answers (account's running-task limit) seen so far.
+    throttled: int = 0
+    #: Number of input items, when the input has a length.
+    total: int | None = None
 
 
 @attrs.frozen

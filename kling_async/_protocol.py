@@ -1,7 +1,9 @@
-"""The wire protocol as pure functions: paths, request bodies, envelopes, errors, retry rules.
+"""The wire protocol as pure functions: paths, envelopes, the service's codes, retry rules.
 
 Nothing here does I/O or imports aiohttp, so every decision about what an answer means
-(which exception, whether to retry, how long to wait) can be tested without a socket.
+(which exception, whether to retry it, whether a task is absent, how long to wait) is
+made in this one module and can be tested without a socket. `ERROR_CODES` is the table
+of the service's codes; the errors page of the documentation is generated from it.
 """
 
 from __future__ import annotations
@@ -11,9 +13,8 @@ import math
 import urllib.parse
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
-import attrs
 import orjson
 
 from kling_async.errors import (
@@ -34,31 +35,84 @@ from kling_async.errors import (
 EXTEND_PATH: Final = "/v1/videos/video-extend"
 #: The longest wait a ``Retry-After`` header can impose on us.
 RETRY_AFTER_CAP: Final = 60.0
-#: Codes that mean "no credit": never retried, and a batch stops submitting on them.
+
+
+class CodeRule(NamedTuple):
+    """What one service code means: its HTTP status, our exception, and what to do."""
+
+    code: int
+    status: int
+    error: type[APIStatusError]
+    retryable: bool
+    meaning: str
+    action: str
+
+
+#: Every service code API.md lists, in the order of Kling's own table.
+ERROR_CODES: Final[tuple[CodeRule, ...]] = (
+    CodeRule(1000, 401, AuthenticationError, False, "authentication failed", "check the key"),
+    CodeRule(1001, 401, AuthenticationError, False, "Authorization header empty", "set a key"),
+    CodeRule(1002, 401, AuthenticationError, False, "Authorization invalid", "check the key"),
+    CodeRule(1003, 401, AuthenticationError, False, "token not yet valid", "check the clock (nbf)"),
+    CodeRule(
+        1004,
+        401,
+        AuthenticationError,
+        False,
+        "token expired",
+        "none: the client re-signs a JWT once and sends again",
+    ),
+    CodeRule(1100, 429, InsufficientBalanceError, False, "account exception", "check the account"),
+    CodeRule(1101, 429, InsufficientBalanceError, False, "account in arrears", "top up"),
+    CodeRule(
+        1102,
+        429,
+        InsufficientBalanceError,
+        False,
+        "resource pack used up or expired",
+        "buy a pack; a batch stops submitting",
+    ),
+    CodeRule(1103, 403, PermissionDeniedError, False, "no access to this resource", "ask Kling"),
+    CodeRule(1200, 400, InvalidRequestError, False, "invalid request", "fix the request"),
+    CodeRule(1201, 400, InvalidRequestError, False, "invalid parameters", "fix the field named"),
+    CodeRule(1202, 404, NotFoundError, False, "no such method or route", "check base_url's prefix"),
+    CodeRule(1203, 404, NotFoundError, False, "no such task or video", "check the id"),
+    CodeRule(1300, 400, ContentPolicyError, False, "content policy (input)", "change the prompt"),
+    CodeRule(1301, 400, ContentPolicyError, False, "content policy (safety)", "change the input"),
+    CodeRule(
+        1302,
+        429,
+        RateLimitError,
+        True,
+        "requests too fast",
+        "none: retried with backoff and Retry-After",
+    ),
+    CodeRule(
+        1303,
+        429,
+        RateLimitError,
+        True,
+        "running tasks over the plan's limit",
+        "none: waits for a running task to finish (see Sharing one account)",
+    ),
+    CodeRule(1304, 429, PermissionDeniedError, False, "IP not on the allow list", "allow this IP"),
+    CodeRule(5000, 500, ServerError, True, "server error", "none: retried"),
+    CodeRule(5001, 503, ServerError, True, "server unavailable", "none: retried"),
+    CodeRule(5002, 504, ServerError, True, "server timeout", "none: retried"),
+)
+
+_RULES: Final[Mapping[int, CodeRule]] = {rule.code: rule for rule in ERROR_CODES}
+
+#: No credit (1100-1102): never retried, and a batch stops submitting on them.
 NO_CREDIT_CODES: Final = frozenset({1100, 1101, 1102})
-#: 429 codes that mean "later": too many requests, or too many running tasks.
-RATE_LIMIT_CODES: Final = frozenset({1302, 1303})
+#: The account runs as many tasks as its plan allows.
 CONCURRENCY_LIMIT_CODE: Final = 1303
+#: The JWT expired: re-sign once and send again.
 TOKEN_EXPIRED_CODE: Final = 1004
+#: The service's own "no such task": the only answer that proves a task absent.
+TASK_NOT_FOUND_CODE: Final = 1203
 
-_CODE_TO_ERROR: Final[Mapping[int, type[APIStatusError]]] = {
-    **dict.fromkeys(range(1000, 1005), AuthenticationError),
-    **dict.fromkeys(NO_CREDIT_CODES, InsufficientBalanceError),
-    1103: PermissionDeniedError,
-    1200: InvalidRequestError,
-    1201: InvalidRequestError,
-    1202: NotFoundError,
-    1203: NotFoundError,
-    1300: ContentPolicyError,
-    1301: ContentPolicyError,
-    1302: RateLimitError,
-    1303: RateLimitError,
-    1304: PermissionDeniedError,
-    5000: ServerError,
-    5001: ServerError,
-    5002: ServerError,
-}
-
+#: An error answer with no service code is classified by its HTTP status.
 _STATUS_TO_ERROR: Final[Mapping[int, type[APIStatusError]]] = {
     400: InvalidRequestError,
     401: AuthenticationError,
@@ -67,53 +121,26 @@ _STATUS_TO_ERROR: Final[Mapping[int, type[APIStatusError]]] = {
     422: InvalidRequestError,
     429: RateLimitError,
 }
+#: HTTP statuses retried when the answer carries no service code.
+RETRYABLE_STATUSES: Final = frozenset({408, 429})
 
 
 def task_path(task_or_external_id: str) -> str:
-    """The path of one task; the id is quoted so it can never leave the endpoint."""
-    return f"{EXTEND_PATH}/{urllib.parse.quote(task_or_external_id, safe='')}"
+    """The path of one task, already percent-encoded.
+
+    Every reserved character is quoted, and a segment of dots (``.``, ``..``) is encoded
+    too: no HTTP stack may read it as "this directory" or "the parent", so no id can
+    change the route. The transport sends the path as it is, without re-encoding.
+    """
+    segment = urllib.parse.quote(task_or_external_id, safe="")
+    if not segment.strip("."):
+        segment = "%2E" * len(segment)
+    return f"{EXTEND_PATH}/{segment}"
 
 
-def list_query(page: int, page_size: int) -> dict[str, str]:
-    """The query string of one page of the task list."""
-    return {"pageNum": str(page), "pageSize": str(page_size)}
-
-
-def create_body(
-    *,
-    video_id: str,
-    prompt: str,
-    negative_prompt: str | None = None,
-    cfg_scale: float | None = None,
-    callback_url: str | None = None,
-    external_task_id: str | None = None,
-    watermark: bool | None = None,
-    parent_task_id: str | None = None,
-) -> dict[str, Any]:
-    """The JSON body of a create request; fields that are None are left out."""
-    body: dict[str, Any] = {"video_id": video_id, "prompt": prompt}
-    if negative_prompt is not None:
-        body["negative_prompt"] = negative_prompt
-    if cfg_scale is not None:
-        body["cfg_scale"] = cfg_scale
-    if callback_url is not None:
-        body["callback_url"] = callback_url
-    if external_task_id is not None:
-        body["external_task_id"] = external_task_id
-    if watermark is not None:
-        body["watermark_info"] = {"enabled": watermark}
-    if parent_task_id is not None:
-        body["task_id"] = parent_task_id
-    return body
-
-
-@attrs.frozen
-class Envelope:
-    """A decoded success answer: ``code`` 0 and its ``data``."""
-
-    data: Any
-    request_id: str | None
-    message: str = ""
+def list_path(page: int, page_size: int) -> str:
+    """The path and query of one page of the task list."""
+    return f"{EXTEND_PATH}?pageNum={page}&pageSize={page_size}"
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
@@ -147,43 +174,42 @@ def error_for(
     retry_after: float | None = None,
 ) -> APIStatusError:
     """The exception for an error answer: by service code, else by HTTP status class."""
-    cls = _CODE_TO_ERROR.get(code) if code is not None else None
-    if cls is None:
-        cls = _STATUS_TO_ERROR.get(status)
-    if cls is None:
-        cls = ServerError if status >= 500 else APIStatusError
+    rule = _RULES.get(code) if code is not None else None
+    if rule is not None:
+        cls = rule.error
+    else:
+        cls = _STATUS_TO_ERROR.get(status) or (ServerError if status >= 500 else APIStatusError)
     return cls(message, status=status, code=code, request_id=request_id, retry_after=retry_after)
 
 
-def decode_envelope(status: int, headers: Mapping[str, str], body: bytes) -> Envelope:
-    """Turn one HTTP answer into its `Envelope`, or raise the matching `KlingError`.
+def decode_envelope(status: int, headers: Mapping[str, str], body: bytes) -> tuple[Any, str | None]:
+    """One HTTP answer as ``(data, request_id)``, or the matching `KlingError` raised.
 
     An error status with a body that is not the envelope (a proxy's HTML page) still
     raises by status class; a 2xx that is not the envelope raises `ResponseFormatError`.
     """
-    # Retry-After only matters on an error answer.
-    retry_after = parse_retry_after(headers.get("Retry-After")) if status >= 400 else None
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
         document = None
-    envelope_ok = (
-        isinstance(document, dict)
-        and type(document.get("code")) is int
-        and isinstance(document.get("message", ""), str)
-    )
-    if not envelope_ok:
-        if status >= 400:
-            raise error_for(status, None, _status_text(status), None, retry_after)
-        raise ResponseFormatError("the answer is not the service's JSON envelope", status=status)
-    assert isinstance(document, dict)  # for mypy: checked by envelope_ok
-    code: int = document["code"]
-    message: str = document.get("message") or ""
-    raw_request_id = document.get("request_id")
-    request_id = raw_request_id if isinstance(raw_request_id, str) else None
-    if code != 0 or status >= 400:
-        raise error_for(status, code, message or _status_text(status), request_id, retry_after)
-    return Envelope(data=document.get("data"), request_id=request_id, message=message)
+    if type(document) is dict:
+        code = document.get("code")
+        message = document.get("message", "")
+        raw_request_id = document.get("request_id")
+        request_id = raw_request_id if type(raw_request_id) is str else None
+        if code == 0 and type(code) is int and status < 400:
+            return document.get("data"), request_id
+        if type(code) is int and (message is None or type(message) is str):
+            raise error_for(
+                status, code, message or _status_text(status), request_id, _retry_after(headers)
+            )
+    if status >= 400:
+        raise error_for(status, None, _status_text(status), None, _retry_after(headers))
+    raise ResponseFormatError("the answer is not the service's JSON envelope", status=status)
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    return parse_retry_after(headers.get("Retry-After"))
 
 
 def _status_text(status: int) -> str:
@@ -199,15 +225,16 @@ def is_retryable(error: BaseException) -> bool:
         # the wrong shape inside a good envelope will not get better by asking again.
         return error.path is None
     if isinstance(error, APIStatusError):
-        if error.code in NO_CREDIT_CODES or error.code == 1304:
-            return False
-        if error.status == 429:
-            return error.code is None or error.code in RATE_LIMIT_CODES
-        return error.status == 408 or error.status >= 500 or error.code in (5000, 5001, 5002)
+        rule = _RULES.get(error.code) if error.code is not None else None
+        if rule is not None:
+            return rule.retryable
+        if error.code is not None:  # a code we do not know: only its status class speaks
+            return error.status == 408 or error.status >= 500
+        return error.status in RETRYABLE_STATUSES or error.status >= 500
     return False
 
 
-def may_have_been_processed(error: KlingError) -> bool:
+def may_have_been_processed(error: BaseException) -> bool:
     """Whether the service may have acted on a request that failed this way.
 
     True for timeouts, dropped connections, 5xx and answers that are not the envelope:
@@ -218,8 +245,18 @@ def may_have_been_processed(error: KlingError) -> bool:
     if isinstance(error, ResponseFormatError):
         return error.path is None
     if isinstance(error, APIStatusError):
-        return error.status >= 500 or error.code in (5000, 5001, 5002)
+        return error.status >= 500 or isinstance(error, ServerError)
     return False
+
+
+def is_task_absent(error: BaseException) -> bool:
+    """Whether an error proves that the task looked up does not exist.
+
+    Only the service's own answer does (404 with code 1203). A 404 without the envelope
+    (a proxy's page), or with another code (1202: a route the server does not know),
+    says nothing about the task, so it must never be a reason to create one again.
+    """
+    return isinstance(error, NotFoundError) and error.code == TASK_NOT_FOUND_CODE
 
 
 def is_concurrency_limit(error: BaseException) -> bool:
@@ -230,3 +267,8 @@ def is_concurrency_limit(error: BaseException) -> bool:
 def is_no_credit(error: BaseException) -> bool:
     """A 1100-1102: the account cannot pay for another task."""
     return isinstance(error, InsufficientBalanceError) and error.code in NO_CREDIT_CODES
+
+
+def is_token_expired(error: KlingError) -> bool:
+    """A 1004: the signed token expired (re-signing may help)."""
+    return isinstance(error, AuthenticationError) and error.code == TOKEN_EXPIRED_CODE

@@ -3,32 +3,32 @@
 Each attempt takes a slot of the `max_in_flight` semaphore only while its request is
 open; backoff's sleeps between attempts hold no slot. Every response is read and
 released inside ``async with``, on every path. aiohttp's own exceptions never escape:
-their reprs can carry request headers, so they become our errors, built from the
-method, the path and the exception's class only.
+their reprs can carry request headers, so `connection_error` turns them into ours,
+built from the method, the path and the exception's class only.
+
+`Transport.retrying` is the one retry runner (API calls, creates and downloads all go
+through it): the rules of what is retried live in `kling_async._protocol`, the waits
+(exponential with full jitter, ``Retry-After`` kept exactly) in backoff.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Generator
 from typing import Any, Final, TypeVar, cast
 
 import aiohttp
 import backoff
 import orjson
+from yarl import URL
 
 from kling_async import _protocol
 from kling_async._auth import Auth
-from kling_async._protocol import Envelope
-from kling_async.errors import (
-    APIConnectionError,
-    APITimeoutError,
-    AuthenticationError,
-    KlingError,
-)
+from kling_async.errors import APIConnectionError, APITimeoutError, KlingError
 
 T = TypeVar("T")
 
@@ -41,6 +41,8 @@ _ATTEMPT: contextvars.ContextVar[int] = contextvars.ContextVar("kling_attempt", 
 RETRY_BASE: Final = 0.5
 #: ... up to this.
 RETRY_CAP: Final = 8.0
+
+_JSON_HEADERS: Final = {"Accept": "application/json"}
 
 
 class ExactWait(float):
@@ -70,8 +72,9 @@ def jitter(value: float) -> float:
 def _log_backoff(details: Any) -> None:
     error = details.get("exception")
     logger.info(
-        "retrying %s in %.3f s after attempt %d: %s",
+        "retrying %s %s in %.3f s after attempt %d: %s",
         details["args"][1],
+        details["args"][2],
         details["wait"],
         details["tries"],
         type(error).__name__ if error is not None else "?",
@@ -107,17 +110,18 @@ class Transport:
         session: aiohttp.ClientSession | None,
     ) -> None:
         self.base_url = base_url
+        # Paths come already encoded from the protocol; the base is encoded once here.
+        self._base = str(URL(base_url))
         self.max_retries = max_retries
         self.max_in_flight = max_in_flight
         self._auth = auth
         self._semaphore = asyncio.Semaphore(max_in_flight)
         self._session = session
         self._owns_session = session is None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-        self._runners: dict[
-            Callable[[BaseException], bool],
-            Callable[[Callable[[], Awaitable[Any]], str], Awaitable[Any]],
-        ] = {}
+        self._headers: dict[str, str] = {}
+        self._runners: dict[Callable[[BaseException], bool], Callable[..., Awaitable[Any]]] = {}
         self.timeout = aiohttp.ClientTimeout(
             total=timeout, connect=min(timeout, 30.0), sock_read=timeout
         )
@@ -132,16 +136,40 @@ class Transport:
         return self._closed
 
     def session(self) -> aiohttp.ClientSession:
-        """The session, created on first use inside the running event loop."""
-        if self._closed:
-            raise RuntimeError("this KlingClient is closed; create a new one")
+        """The session, created on first use inside the running event loop.
+
+        Raises:
+            RuntimeError: the client is closed, or used from another event loop than the
+                one it first ran in.
+        """
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._bind(loop)
         if self._session is None:
-            asyncio.get_running_loop()  # a session must be born inside a running loop
+            if self._closed:
+                raise RuntimeError("this KlingClient is closed; create a new one")
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.max_in_flight),
-                timeout=self.timeout,
+                connector=aiohttp.TCPConnector(limit=self.max_in_flight), timeout=self.timeout
             )
         return self._session
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._closed:
+            raise RuntimeError("this KlingClient is closed; create a new one")
+        if self._loop is None:
+            self._loop = loop
+            return
+        # aiohttp's sessions, connections and our semaphore belong to one loop. The old
+        # loop is gone or busy elsewhere: close what we own without it, then say so.
+        self._closed = True
+        if self._owns_session and self._session is not None:
+            _close_without_loop(self._session)
+        self._session = None
+        raise RuntimeError(
+            "this KlingClient belongs to the event loop it first ran in and cannot be used "
+            "from another one (e.g. a second asyncio.run()); create one client per loop, "
+            "inside it, and close it there (async with KlingClient() as kling: ...)"
+        )
 
     def slot(self) -> asyncio.Semaphore:
         """The in-flight limit; hold it only while a request is open."""
@@ -151,45 +179,51 @@ class Transport:
         if self._closed:
             return
         self._closed = True
-        if self._owns_session and self._session is not None:
-            await self._session.close()
-        self._session = None
+        session, self._session = self._session, None
+        if not self._owns_session or session is None:
+            return
+        if self._loop is not None and asyncio.get_running_loop() is not self._loop:
+            _close_without_loop(session)
+        else:
+            await session.close()
 
     # -- one attempt -------------------------------------------------------------------
 
-    async def send(
-        self,
-        method: str,
-        path: str,
-        *,
-        query: Mapping[str, str] | None = None,
-        body: Any = None,
-    ) -> Envelope:
-        """One request (re-signing once on an expired token), no retries."""
+    def _headers_for(self, authorization: str) -> dict[str, str]:
+        # Built once per token (a bearer key: once), not once per request.
+        headers = self._headers
+        if headers.get("Authorization") != authorization:
+            headers = self._headers = {**_JSON_HEADERS, "Authorization": authorization}
+        return headers
+
+    async def send(self, method: str, path: str, body: Any = None) -> tuple[Any, str | None]:
+        """One request (re-signing once on an expired token), no retries.
+
+        Returns:
+            The envelope's ``(data, request_id)``.
+        """
         try:
-            return await self._send_once(method, path, query, body)
-        except AuthenticationError as error:
-            if error.code != _protocol.TOKEN_EXPIRED_CODE or not self._auth.invalidate():
+            return await self._send_once(method, path, body)
+        except KlingError as error:
+            if not _protocol.is_token_expired(error) or not self._auth.invalidate():
                 raise
             logger.info("token expired (code 1004); re-signing and sending again")
-            return await self._send_once(method, path, query, body)
+            return await self._send_once(method, path, body)
 
-    async def _send_once(
-        self, method: str, path: str, query: Mapping[str, str] | None, body: Any
-    ) -> Envelope:
+    async def _send_once(self, method: str, path: str, body: Any) -> tuple[Any, str | None]:
         session = self.session()
-        headers = {"Authorization": self._auth.header(), "Accept": "application/json"}
+        headers = self._headers_for(self._auth.header())
         data: bytes | None = None
         if body is not None:
             data = orjson.dumps(body)
-            headers["Content-Type"] = "application/json"
-        started = time.perf_counter()
+            headers = {**headers, "Content-Type": "application/json"}
+        debug = logger.isEnabledFor(logging.DEBUG)
+        started = time.perf_counter() if debug else 0.0
         async with self._semaphore:
             try:
                 async with session.request(
                     method,
-                    self.base_url + path,
-                    params=query,
+                    URL(self._base + path, encoded=True),
                     data=data,
                     headers=headers,
                     allow_redirects=False,
@@ -200,82 +234,47 @@ class Transport:
                     response_headers = response.headers
             except (asyncio.TimeoutError, aiohttp.ClientError) as error:
                 failure = connection_error(error, method, path)
-                if logger.isEnabledFor(logging.DEBUG):
-                    self._log(method, path, type(failure).__name__, None, None, started)
+                if debug:
+                    _log(method, path, type(failure).__name__, None, None, started)
                 raise failure from None
+        if not debug:
+            return _protocol.decode_envelope(status, response_headers, payload)
         try:
-            envelope = _protocol.decode_envelope(status, response_headers, payload)
+            data_, request_id = _protocol.decode_envelope(status, response_headers, payload)
         except KlingError as error:
-            if logger.isEnabledFor(logging.DEBUG):
-                self._log(
-                    method,
-                    path,
-                    status,
-                    getattr(error, "code", None),
-                    getattr(error, "request_id", None),
-                    started,
-                )
+            code, request_id = getattr(error, "code", None), getattr(error, "request_id", None)
+            _log(method, path, status, code, request_id, started)
             raise
-        if logger.isEnabledFor(logging.DEBUG):
-            self._log(method, path, status, 0, envelope.request_id, started)
-        return envelope
-
-    @staticmethod
-    def _log(
-        method: str,
-        path: str,
-        status: int | str,
-        code: int | None,
-        request_id: str | None,
-        started: float,
-    ) -> None:
-        # Only the method and the path (ids, page numbers): never headers or the base
-        # URL, so neither a key nor anything a proxy put in the URL can reach a log.
-        elapsed = time.perf_counter() - started
-        attempt = _ATTEMPT.get()
-        logger.debug(
-            "%s %s -> %s code=%s request_id=%s attempt=%d in %.3f s",
-            method,
-            path,
-            status,
-            code,
-            request_id,
-            attempt,
-            elapsed,
-            extra={
-                "kling_method": method,
-                "kling_path": path,
-                "kling_status": status,
-                "kling_code": code,
-                "kling_request_id": request_id,
-                "kling_attempt": attempt,
-                "kling_elapsed": elapsed,
-            },
-        )
+        _log(method, path, status, 0, request_id, started)
+        return data_, request_id
 
     # -- retries -----------------------------------------------------------------------
 
     async def retrying(
         self,
-        attempt: Callable[[], Awaitable[T]],
-        *,
-        name: str,
+        attempt: Callable[..., Awaitable[T]],
+        method: str,
+        path: str,
+        *args: Any,
         retry_if: Callable[[BaseException], bool] = _protocol.is_retryable,
     ) -> T:
-        """Run `attempt` until it succeeds, a non-retryable error, or `max_retries` retries."""
-        # The first try runs bare: most calls succeed, and backoff's bookkeeping costs
-        # more than a create's own parsing. A failure is replayed as backoff's first try,
-        # so waits, logging and the retry count are exactly backoff's.
-        try:
-            return await attempt()
-        except KlingError as error:
-            if not self.max_retries or not retry_if(error):
-                raise
-            first: KlingError | None = error
+        """``await attempt(method, path, *args)`` until it succeeds, `retry_if` says no,
+        or `max_retries` retries have been made (backoff waits between tries).
 
+        The first try runs outside backoff: most calls succeed, and backoff's bookkeeping
+        would cost more than a create's own parsing. A failure is replayed as backoff's
+        first try, so whether and how long to wait is decided by backoff alone.
+        """
+        try:
+            return await attempt(method, path, *args)
+        except KlingError as error:
+            first: KlingError | None = error
+        runner = self._runners.get(retry_if)
+        if runner is None:
+            runner = self._runners[retry_if] = self._make_runner(retry_if)
         tries = 1
 
-        async def replay() -> T:
+        async def replay(method: str, path: str, *args: Any) -> T:
             nonlocal first, tries
             if first is not None:
                 error, first = first, None
@@ -283,19 +282,16 @@ class Transport:
             tries += 1
             token = _ATTEMPT.set(tries)  # for the log lines of this try
             try:
-                return await attempt()
+                return await attempt(method, path, *args)
             finally:
                 _ATTEMPT.reset(token)
 
-        runner = self._runners.get(retry_if)
-        if runner is None:
-            runner = self._runners[retry_if] = self._make_runner(retry_if)
-        result: T = await runner(replay, name)
+        result: T = await runner(replay, method, path, *args)
         return result
 
     def _make_runner(
         self, retry_if: Callable[[BaseException], bool]
-    ) -> Callable[[Callable[[], Awaitable[Any]], str], Awaitable[Any]]:
+    ) -> Callable[..., Awaitable[Any]]:
         # Decorating is not free (backoff inspects its handlers each time), so each
         # retry rule gets one decorated runner per transport, built on first use.
         @backoff.on_exception(
@@ -307,20 +303,66 @@ class Transport:
             on_backoff=_log_backoff,
             logger=None,
         )
-        async def run(attempt: Callable[[], Awaitable[Any]], name: str) -> Any:
-            return await attempt()
+        async def run(attempt: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+            return await attempt(*args)
 
         return run
 
-    async def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        query: Mapping[str, str] | None = None,
-        body: Any = None,
-    ) -> Envelope:
+    async def request(self, method: str, path: str) -> tuple[Any, str | None]:
         """One call with retries, for requests that are safe to repeat."""
-        return await self.retrying(
-            lambda: self.send(method, path, query=query, body=body), name=f"{method} {path}"
-        )
+        return await self.retrying(self.send, method, path)
+
+
+def _log(
+    method: str,
+    path: str,
+    status: int | str,
+    code: int | None,
+    request_id: str | None,
+    started: float,
+) -> None:
+    # Only the method and the path (ids, page numbers): never headers or the base URL,
+    # so neither a key nor anything a proxy put in the URL can reach a log.
+    elapsed = time.perf_counter() - started
+    attempt = _ATTEMPT.get()
+    logger.debug(
+        "%s %s -> %s code=%s request_id=%s attempt=%d in %.3f s",
+        method,
+        path,
+        status,
+        code,
+        request_id,
+        attempt,
+        elapsed,
+        extra={
+            "kling_method": method,
+            "kling_path": path,
+            "kling_status": status,
+            "kling_code": code,
+            "kling_request_id": request_id,
+            "kling_attempt": attempt,
+            "kling_elapsed": elapsed,
+        },
+    )
+
+
+def _close_without_loop(session: aiohttp.ClientSession) -> None:
+    """Close a session whose event loop is gone: its sockets directly, then the session.
+
+    The loop that owns the connections can no longer run their close callbacks, so the
+    sockets are closed here and the session detached; nothing is left to warn about.
+    """
+    connector = session.connector
+    session.detach()  # the session counts as closed from now on
+    if connector is None:
+        return
+    for protocols in list(getattr(connector, "_conns", {}).values()):
+        for protocol, _ in protocols:
+            transport = getattr(protocol, "transport", None)
+            sock = getattr(transport, "_sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.close()
+                transport._sock = None  # type: ignore[union-attr]
+    getattr(connector, "_conns", {}).clear()
+    connector._closed = True

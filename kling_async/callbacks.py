@@ -29,7 +29,7 @@ import collections
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -37,11 +37,11 @@ import orjson
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
-from kling_async._checks import is_http_url, is_int_in, is_text
-from kling_async._converter import parse_task
+from kling_async._config import is_int_in, is_text
+from kling_async._converter import parse_callback
 from kling_async._deadlines import within
 from kling_async._hooks import call_back
-from kling_async._models import Task
+from kling_async._models import Task, is_http_url
 from kling_async.errors import ConfigurationError, ResponseFormatError
 
 if TYPE_CHECKING:
@@ -364,51 +364,7 @@ def _parse_callback(body: bytes) -> Task:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise ResponseFormatError("callback body is not JSON", path="body") from None
-    if not isinstance(data, dict):
-        raise ResponseFormatError(
-            f"callback body is not a task (expected an object, got {type(data).__name__})",
-            path="body",
-        )
-    if "task_id" not in data and "id" in data and "status" in data:
-        data = _legacy_from_new(data)
-    elif "task_id" not in data:
-        raise ResponseFormatError(
-            "callback body is not a task (no task_id, and no id and status)", path="body"
-        )
-    return parse_task(data, root="body")
-
-
-def _legacy_from_new(data: Mapping[str, Any]) -> dict[str, Any]:
-    """The newer callback format (``id``, ``status``, ``outputs``...) in the legacy shape."""
-    status = data["status"]
-    legacy: dict[str, Any] = {
-        "task_id": data["id"],
-        "task_status": _NEW_STATUSES.get(status, status) if isinstance(status, str) else status,
-    }
-    renames = {
-        "message": "task_status_msg",
-        "create_time": "created_at",
-        "update_time": "updated_at",
-    }
-    legacy.update((new, data[old]) for old, new in renames.items() if data.get(old) is not None)
-    if data.get("external_id") is not None:
-        legacy["task_info"] = {"external_task_id": data["external_id"]}
-    outputs = data.get("outputs")
-    if outputs is not None:
-        if not isinstance(outputs, list):
-            raise ResponseFormatError(
-                f"unexpected callback (expected a list, got {type(outputs).__name__})",
-                path="body.outputs",
-            )
-        videos = [
-            {key: output[key] for key in ("id", "url", "duration") if key in output}
-            if isinstance(output, dict)
-            else output  # not an object: parse_task names it
-            for output in outputs
-            if not isinstance(output, dict) or output.get("type", "video") == "video"
-        ]
-        legacy["task_result"] = {"videos": videos}
-    return legacy
+    return parse_callback(data)
 
 
 def _is_newer(task: Task, known: Task) -> bool:

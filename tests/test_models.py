@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from kling_async import (
@@ -24,7 +24,7 @@ from kling_async import (
     Video,
     _protocol,
 )
-from kling_async._converter import converter, parse_task, parse_task_list
+from kling_async._converter import converter, parse_task, parse_task_list, request_body
 from kling_async.errors import APIStatusError, InsufficientBalanceError, RateLimitError
 
 SAMPLES = Path(__file__).parent / "samples"
@@ -214,8 +214,8 @@ def test_arbitrary_json_parses_to_a_task_or_a_format_error(data: Any) -> None:
 )
 def test_arbitrary_bodies_give_a_task_or_a_known_error(status: int, document: Any) -> None:
     try:
-        result = _protocol.decode_envelope(status, {}, orjson.dumps(document))
-        parse_task(result.data, request_id=result.request_id)
+        data, request_id = _protocol.decode_envelope(status, {}, orjson.dumps(document))
+        parse_task(data, request_id=request_id)
     except (ResponseFormatError, APIStatusError):
         pass
 
@@ -269,18 +269,25 @@ def test_request_body() -> None:
         watermark=True,
         parent_task_id="p1",
     )
-    assert request.to_body() == {
-        "video_id": "828006748715380777",
-        "prompt": "延长动画效果",
-        "cfg_scale": 0.5,
-        "watermark_info": {"enabled": True},
-        "task_id": "p1",
-    }
+    assert (
+        request_body(request)
+        == converter.unstructure(request)
+        == {
+            "video_id": "828006748715380777",
+            "prompt": "延长动画效果",
+            "cfg_scale": 0.5,
+            "watermark_info": {"enabled": True},
+            "task_id": "p1",
+        }
+    )
 
 
 @given(st.text(max_size=2600))
 def test_prompt_length_boundary(prompt: str) -> None:
-    if len(prompt) <= 2500:
+    if not prompt.strip() and len(prompt) <= 2500:
+        with pytest.raises(ValidationError, match="prompt: must have some non-space text"):
+            ExtendRequest(video_id="v", prompt=prompt)
+    elif len(prompt) <= 2500:
         assert ExtendRequest(video_id="v", prompt=prompt).prompt == prompt
         assert ExtendRequest(video_id="v", prompt="p", negative_prompt=prompt)
     else:
@@ -389,28 +396,93 @@ def test_batch_result_ok() -> None:
     assert not BatchResult(index=0, request=request).ok
 
 
-@settings(max_examples=1000)
-@given(task_like | json_values)
-def test_the_fast_task_path_agrees_with_cattrs(data: Any) -> None:
-    from kling_async._converter import _fast_task, _structure_wire_task, _WireTask, task_from_wire
-
-    if not isinstance(data, dict):
-        return
-    fast = _fast_task(data, "rid", "ext")
-    try:
-        slow = task_from_wire(
-            _structure_wire_task(data, _WireTask), request_id="rid", external_task_id="ext"
-        )
-    except Exception:  # the checked path rejects it: so must the fast one
-        assert fast is None
-        return
-    assert fast is None or fast == slow
+requests = st.builds(
+    ExtendRequest,
+    video_id=st.text(min_size=1, max_size=8).filter(lambda v: not any(c.isspace() for c in v)),
+    prompt=st.text(min_size=1, max_size=20).filter(str.strip),
+    negative_prompt=st.none() | st.text(min_size=1, max_size=20),
+    cfg_scale=st.none() | st.floats(min_value=0, max_value=1),
+    callback_url=st.none() | st.just("https://example.com/cb"),
+    external_task_id=st.none() | st.from_regex(r"[a-z0-9._-]{1,12}", fullmatch=True),
+    watermark=st.none() | st.booleans(),
+    parent_task_id=st.none() | st.from_regex(r"[0-9]{1,12}", fullmatch=True),
+)
 
 
-def test_the_fast_path_takes_the_samples() -> None:
-    from kling_async._converter import _fast_task
+@given(requests)
+def test_the_create_body_round_trips(request: ExtendRequest) -> None:
+    body = converter.unstructure(request)
+    assert all(value is not None for value in body.values())
+    assert converter.structure(orjson.loads(orjson.dumps(body)), ExtendRequest) == request
 
+
+def test_a_create_body_with_a_bad_field_names_it() -> None:
+    with pytest.raises(ValidationError) as caught:
+        converter.structure({"video_id": "v", "prompt": "p", "watermark_info": 1}, ExtendRequest)
+    assert caught.value.field == "watermark_info"
+    with pytest.raises(ValidationError) as caught:
+        converter.structure({"video_id": "v", "prompt": "p", "watermark": True}, ExtendRequest)
+    assert caught.value.field == "watermark"
+
+
+def test_the_samples_parse_through_the_converter() -> None:
     for name in ("query-succeed.json", "query-failed.json", "create-official.json"):
         data = sample(name)["data"]
-        assert _fast_task(data, None, None) == parse_task(data)
-        assert _fast_task(data, None, None) is not None
+        assert converter.structure(data, Task) == parse_task(data)
+
+
+# -- the defects of issue 7, items 4-6 ---------------------------------------------------------
+
+
+def test_the_endpoint_pages_own_example_body_is_accepted() -> None:
+    # The original endpoint page sends empty strings for the optional fields it leaves out.
+    body = {
+        "video_id": "828006748715380777",
+        "prompt": "延长动画效果",
+        "negative_prompt": "",
+        "cfg_scale": 0.5,
+        "callback_url": "",
+    }
+    request = converter.structure(body, ExtendRequest)
+    assert request.negative_prompt is None
+    assert request.callback_url is None
+    assert "callback_url" not in converter.unstructure(request)
+    assert ExtendRequest(video_id="v", prompt="p", callback_url="").callback_url is None
+
+
+@pytest.mark.parametrize("prompt", ["", " ", "\t\n", "\u3000"])
+def test_a_blank_prompt_is_refused(prompt: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        ExtendRequest(video_id="v", prompt=prompt)
+    assert caught.value.field == "prompt"
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**400), 2, -1, float("inf"), float("nan")])
+def test_cfg_scale_out_of_range_is_a_validation_error(value: float) -> None:
+    with pytest.raises(ValidationError) as caught:
+        ExtendRequest(video_id="v", prompt="p", cfg_scale=value)
+    assert caught.value.field == "cfg_scale"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://example.com:99999/cb",
+        "https://user:s3cret@example.com/cb",
+        "https://user@example.com/cb",
+        "https://example.com/cb#fragment",
+        "https://example.com/cb#",
+        "ftp://example.com/cb",
+        "https:///cb",
+    ],
+)
+def test_unusable_callback_urls_are_refused(url: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        ExtendRequest(video_id="v", prompt="p", callback_url=url)
+    assert caught.value.field == "callback_url"
+    assert "s3cret" not in str(caught.value)
+
+
+def test_a_good_callback_url_is_kept() -> None:
+    url = "https://example.com:8443/kling/callback?token=x"
+    assert ExtendRequest(video_id="v", prompt="p", callback_url=url).callback_url == url

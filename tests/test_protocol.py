@@ -119,9 +119,9 @@ def test_a_2xx_that_is_not_the_envelope_is_a_retryable_format_error(body: bytes)
 
 
 def test_success_envelope() -> None:
-    result = _protocol.decode_envelope(200, {}, envelope(0, data={"task_id": "1"}))
-    assert result.data == {"task_id": "1"}
-    assert result.request_id == "rid-1"
+    data, request_id = _protocol.decode_envelope(200, {}, envelope(0, data={"task_id": "1"}))
+    assert data == {"task_id": "1"}
+    assert request_id == "rid-1"
 
 
 def test_a_field_error_inside_a_good_envelope_is_not_retried() -> None:
@@ -148,17 +148,42 @@ def test_rate_limits_are_not_processed() -> None:
 def test_paths_quote_ids() -> None:
     assert _protocol.task_path("123") == "/v1/videos/video-extend/123"
     assert _protocol.task_path("../../x?y") == "/v1/videos/video-extend/..%2F..%2Fx%3Fy"
-    assert _protocol.list_query(2, 50) == {"pageNum": "2", "pageSize": "50"}
+    assert _protocol.list_path(2, 50) == "/v1/videos/video-extend?pageNum=2&pageSize=50"
 
 
-def test_create_body_leaves_out_none() -> None:
-    body = _protocol.create_body(video_id="v", prompt="p", watermark=False, parent_task_id="t")
-    assert body == {
-        "video_id": "v",
-        "prompt": "p",
-        "watermark_info": {"enabled": False},
-        "task_id": "t",
-    }
+@pytest.mark.parametrize(
+    ("key", "segment"),
+    [
+        (".", "%2E"),
+        ("..", "%2E%2E"),
+        ("...", "%2E%2E%2E"),
+        ("a/b", "a%2Fb"),
+        ("a?b#c", "a%3Fb%23c"),
+        ("50%", "50%25"),
+        ("a b", "a%20b"),
+        ("é", "%C3%A9"),
+        ("a.b", "a.b"),
+    ],
+)
+def test_no_id_can_change_the_route(key: str, segment: str) -> None:
+    assert _protocol.task_path(key) == f"/v1/videos/video-extend/{segment}"
+
+
+def test_only_the_services_not_found_proves_a_task_absent() -> None:
+    assert _protocol.is_task_absent(_protocol.error_for(404, 1203, "no such task"))
+    # 1202: the server does not know the route; no code: a proxy's 404 page.
+    assert not _protocol.is_task_absent(_protocol.error_for(404, 1202, "no such method"))
+    with pytest.raises(NotFoundError) as caught:
+        _protocol.decode_envelope(404, {}, b"<html>Not Found</html>")
+    assert not _protocol.is_task_absent(caught.value)
+
+
+def test_every_code_in_the_table_maps_to_its_class_and_retry_rule() -> None:
+    for rule in _protocol.ERROR_CODES:
+        error = _protocol.error_for(rule.status, rule.code, rule.meaning)
+        assert type(error) is rule.error
+        assert _protocol.is_retryable(error) is rule.retryable
+    assert len({rule.code for rule in _protocol.ERROR_CODES}) == len(_protocol.ERROR_CODES)
 
 
 @pytest.mark.parametrize(
