@@ -423,6 +423,22 @@ class RedisAccount(Account):
         except (RedisError, OSError) as error:
             raise self._error(error) from error
 
+    async def _deliver(self, script: Any, keys: list[str], args: list[Any]) -> None:
+        """Record that a task exists, retrying for a while when Redis is unreachable.
+
+        The task was created: failing the caller now would make it create again.
+        """
+        for attempt in range(CLAIM_LEASES * 3 + 1):
+            try:
+                await self._call(script, keys, args)
+            except APIConnectionError as error:
+                if attempt == CLAIM_LEASES * 3:
+                    logger.warning("recording a created task failed: %s", error)
+                    return
+                await asyncio.sleep(self._tick)
+            else:
+                return
+
     def _spawn(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
         task = asyncio.ensure_future(coro)
         self._background.add(task)
@@ -581,7 +597,7 @@ class RedisAccount(Account):
             else:
                 self._by_task[task.task_id] = slot.token
         await self._complete(
-            self._call(
+            self._deliver(
                 self._created_script,
                 self._keys,
                 [
@@ -759,13 +775,12 @@ class RedisAccount(Account):
     async def settle(self, external_task_id: str, task: Task | None) -> None:
         self._claims.discard(external_task_id)
         document = "" if task is None else orjson.dumps(converter.unstructure(task)).decode()
-        await self._complete(
-            self._call(
-                self._settle_script,
-                [self._claim_key(external_task_id), self._settled_channel],
-                [self._id, document, SETTLED_TTL],
-            )
-        )
+        keys = [self._claim_key(external_task_id), self._settled_channel]
+        args = [self._id, document, SETTLED_TTL]
+        if task is None:
+            await self._complete(self._call(self._settle_script, keys, args))
+        else:
+            await self._complete(self._deliver(self._settle_script, keys, args))
 
     # -- lifetime ----------------------------------------------------------------------------
 

@@ -219,6 +219,8 @@ def _load_example(name: str) -> Any:
     return module
 
 
+# arq's Worker closes its Redis pool with redis-py's deprecated close().
+@pytest.mark.filterwarnings("ignore:Call to deprecated close:DeprecationWarning")
 async def test_the_arq_example_extends_and_downloads_every_video(
     sim: Simulator, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
