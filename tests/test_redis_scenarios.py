@@ -4,7 +4,6 @@ simulator, with the simulator's counters asserted."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import os
 import signal
@@ -24,14 +23,7 @@ from kling_async.testing import Simulator
 
 WORKER = str(Path(__file__).with_name("redis_worker.py"))
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.xfail(
-        "account" not in inspect.signature(KlingClient).parameters,
-        reason="waits for KlingClient(account=...) in the core",
-        strict=True,
-    ),
-]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
