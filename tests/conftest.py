@@ -10,7 +10,7 @@ import pytest
 from kling_async import KlingClient, PollPolicy
 from kling_async.testing import Simulator
 
-pytest_plugins = ["kling_async.testing.pytest_plugin"]
+pytest_plugins = ["kling_async.testing.pytest_plugin", "redis_server"]
 
 #: Polls fast enough that tests spend their time on behaviour, not on waiting.
 FAST_POLL = PollPolicy(initial=0.02, factor=1.5, max_interval=0.1)

@@ -1,0 +1,66 @@
+"""One worker process for the multi-process RedisAccount scenarios (not a test module).
+
+    python tests/redis_worker.py CONFIG_JSON
+
+CONFIG: redis, name, base_url, api_key, max_running (or null), lease, items
+([external_task_id, video_id] pairs), hold (create only, print, then wait to be killed).
+Prints one JSON line per item: {"ext", "task_id", "status"} or {"ext", "error"}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+from kling_async import APIConnectionError, ExtendRequest, KlingClient, PollPolicy
+from kling_async.redis import RedisAccount
+
+
+def say(**fields: Any) -> None:
+    print(json.dumps(fields), flush=True)
+
+
+async def main(config: dict[str, Any]) -> None:
+    account = RedisAccount(
+        config["redis"],
+        name=config["name"],
+        max_running=config["max_running"],
+        lease=config["lease"],
+    )
+    poll = PollPolicy(initial=0.05, factor=1.5, max_interval=0.2)
+    async with KlingClient(
+        api_key=config["api_key"],
+        base_url=config["base_url"],
+        poll=poll,
+        timeout=10.0,
+        account=account,  # type: ignore[call-arg]
+    ) as kling:
+
+        async def one(ext: str, video: str) -> None:
+            request = ExtendRequest(video, "继续", external_task_id=ext)
+            for attempt in range(10):  # what a job queue's redelivery would do
+                try:
+                    if config.get("hold"):
+                        task = await kling.extend(request)
+                    else:
+                        task = await kling.extend_and_wait(request, timeout=60)
+                except APIConnectionError as error:
+                    if "Redis" not in str(error) or attempt == 9:
+                        say(ext=ext, error=str(error))
+                        return
+                    await asyncio.sleep(0.2)
+                else:
+                    say(ext=ext, task_id=task.task_id, status=task.status.value)
+                    return
+
+        await asyncio.gather(*(one(ext, video) for ext, video in config["items"]))
+        if config.get("hold"):
+            say(held=True)
+            await asyncio.Event().wait()  # until killed
+    await account.aclose()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(json.loads(sys.argv[1])))

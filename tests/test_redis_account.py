@@ -1,0 +1,360 @@
+"""RedisAccount against a real redis-server: two account objects sharing a name play two
+processes (the multi-process scenarios with the simulator are in test_redis_scenarios)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import redis.asyncio as aioredis
+from redis_server import RedisServer
+
+from kling_async import APIConnectionError, ConfigurationError, Task, TaskStatus
+from kling_async.redis import RedisAccount
+
+
+def running(task_id: str, ext: str = "") -> Task:
+    return Task(task_id, TaskStatus.PROCESSING, external_task_id=ext or None)
+
+
+def done(task_id: str) -> Task:
+    return Task(task_id, TaskStatus.SUCCEED)
+
+
+async def nobody(_: str) -> Task | None:
+    return None
+
+
+@pytest.fixture
+def name() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+async def raw(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def accounts(redis_url: str, name: str) -> AsyncIterator[Callable[..., RedisAccount]]:
+    made: list[RedisAccount] = []
+
+    def make(**options: object) -> RedisAccount:
+        account = RedisAccount(redis_url, name=name, **options)  # type: ignore[arg-type]
+        made.append(account)
+        return account
+
+    yield make
+    for account in made:
+        await account.aclose()
+
+
+async def until(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Wait (bounded) for a state, looking every few milliseconds."""
+    for _ in range(1000):
+        if await condition():
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail(f"never happened: {what}")
+
+
+async def test_concurrent_acquires_from_two_processes_never_pass_the_limit(
+    accounts: Callable[..., RedisAccount],
+) -> None:
+    one, two = accounts(max_running=3), accounts(max_running=3)
+    holding = peak = 0
+
+    async def create(index: int) -> None:
+        nonlocal holding, peak
+        account = (one, two)[index % 2]
+        slot = await account.acquire(f"ext-{index}", nobody)
+        holding += 1
+        peak = max(peak, holding)
+        await account.created(slot, running(f"task-{index}"))
+        await asyncio.sleep(0.005)
+        holding -= 1
+        await (two, one)[index % 2].finished(done(f"task-{index}"))  # seen by the other
+
+    await asyncio.gather(*(create(i) for i in range(30)))
+    assert peak == 3
+
+
+async def test_waiters_are_served_first_come_first_served_across_processes(
+    accounts: Callable[..., RedisAccount], raw: aioredis.Redis, name: str
+) -> None:
+    one, two = accounts(max_running=1), accounts(max_running=1)
+    first = await one.acquire("first", nobody)
+    order: list[int] = []
+
+    async def wait_turn(index: int) -> None:
+        account = (one, two)[index % 2]
+        slot = await account.acquire(f"ext-{index}", nobody)
+        order.append(index)
+        await account.release(slot)
+
+    waiting = []
+    for index in range(6):
+        waiting.append(asyncio.ensure_future(wait_turn(index)))
+
+        async def queued(count: int = index + 1) -> bool:
+            return await raw.zcard(f"kling:{{{name}}}:queue") == count
+
+        await until(queued, f"{index + 1} waiters queued")
+    await one.release(first)
+    await asyncio.gather(*waiting)
+    assert order == list(range(6))
+
+
+async def test_a_waiter_wakes_when_a_slot_frees_not_at_its_next_check(
+    accounts: Callable[..., RedisAccount],
+) -> None:
+    # A 600 s lease puts the safety re-check 200 s away: only the pub/sub wake-up can
+    # hand the slot over within the test's few seconds.
+    one, two = accounts(max_running=1, lease=600), accounts(max_running=1, lease=600)
+    slot = await one.acquire("holder", nobody)
+    await one.created(slot, running("task-1"))
+    waiter = asyncio.ensure_future(two.acquire("waiter", nobody))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    await one.finished(done("task-1"))
+    taken = await asyncio.wait_for(waiter, 10)
+    assert taken.external_task_id == "waiter"
+
+
+async def test_the_limit_is_learned_from_1303_by_every_process(
+    accounts: Callable[..., RedisAccount], raw: aioredis.Redis, name: str
+) -> None:
+    one, two = accounts(), accounts()
+    slots = [await one.acquire(f"ext-{i}", nobody) for i in range(4)]
+    for index, slot in enumerate(slots[:3]):
+        await one.created(slot, running(f"task-{index}"))
+    refusing = asyncio.ensure_future(one.refused(slots[3]))
+
+    async def lowered() -> bool:
+        return await raw.get(f"kling:{{{name}}}:limit") == "3"  # 4 held, less the refused one
+
+    await until(lowered, "the limit lowered at once")
+
+    waiter = asyncio.ensure_future(two.acquire("other process", nobody))
+
+    async def queued() -> bool:
+        return await raw.zcard(f"kling:{{{name}}}:queue") == 1
+
+    await until(queued, "the other process waits under the learned limit")
+    await one.finished(done("task-0"))
+    slot = await asyncio.wait_for(waiter, 10)
+    await two.created(slot, running("task-9"))  # accepted at the limit: raise it a bit
+    await refusing  # woken by the slot that came free
+    assert float(await raw.get(f"kling:{{{name}}}:limit") or 0) == pytest.approx(3 + 1 / 3)
+
+
+async def test_a_dead_holders_slots_come_free_only_once_their_tasks_finish(
+    accounts: Callable[..., RedisAccount],
+) -> None:
+    dead = accounts(max_running=2, lease=0.3)
+    for index in range(2):
+        slot = await dead.acquire(f"dead-{index}", nobody)
+        await dead.created(slot, running(f"task-{index}", f"dead-{index}"))
+    await dead.aclose()  # stops renewing, like kill -9
+
+    finished: set[str] = set()
+    looked_up: list[str] = []
+
+    async def lookup(ext: str) -> Task | None:
+        looked_up.append(ext)
+        index = ext.split("-")[1]
+        return done(f"task-{index}") if ext in finished else running(f"task-{index}", ext)
+
+    alive = accounts(max_running=2, lease=0.3)
+    waiter = asyncio.ensure_future(alive.acquire("alive", lookup))
+
+    async def both_checked_twice() -> bool:
+        return all(looked_up.count(f"dead-{i}") >= 2 for i in range(2))
+
+    await until(both_checked_twice, "the expired leases were looked up, again and again")
+    assert not waiter.done()  # still running: the slots stay taken
+    finished.add("dead-1")
+    slot = await asyncio.wait_for(waiter, 10)
+    assert slot.external_task_id == "alive"
+
+
+async def test_a_dead_claimers_claim_expires(accounts: Callable[..., RedisAccount]) -> None:
+    dead = accounts(lease=0.2)
+    assert await dead.claim("job-1") is None
+    await dead.aclose()
+    alive = accounts(lease=0.2)
+    assert await asyncio.wait_for(alive.claim("job-1"), 10) is None
+
+
+async def test_four_processes_claiming_one_id_create_one_task(
+    accounts: Callable[..., RedisAccount],
+) -> None:
+    four = [accounts() for _ in range(4)]
+    creates = 0
+
+    async def create(account: RedisAccount) -> Task:
+        nonlocal creates
+        existing = await account.claim("same-id")
+        if existing is not None:
+            return existing
+        creates += 1
+        await asyncio.sleep(0.05)
+        task = running("the-task", "same-id")
+        await account.settle("same-id", task)
+        return task
+
+    tasks = await asyncio.gather(*(create(account) for account in four))
+    assert creates == 1
+    assert {task.task_id for task in tasks} == {"the-task"}
+    assert {task.external_task_id for task in tasks} == {"same-id"}
+
+
+async def test_a_failed_create_lets_the_next_claimer_create(
+    accounts: Callable[..., RedisAccount],
+) -> None:
+    one, two = accounts(), accounts()
+    assert await one.claim("retry-me") is None
+    second = asyncio.ensure_future(two.claim("retry-me"))
+    await asyncio.sleep(0.05)
+    assert not second.done()
+    await one.settle("retry-me", None)
+    assert await asyncio.wait_for(second, 10) is None  # now it is the second's to create
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def test_redis_down_raises_a_connection_error_naming_redis_not_the_password() -> None:
+    port = _closed_port()
+    account = RedisAccount(f"redis://:s3cret-pw@127.0.0.1:{port}/0", name="down")
+    try:
+        calls: list[Awaitable[object]] = [
+            account.acquire("ext", nobody),
+            account.claim("ext"),
+            account.finished(done("task")),
+            account.settle("ext", None),
+        ]
+        for call in calls:
+            with pytest.raises(APIConnectionError) as caught:
+                await call
+            assert f"Redis at 127.0.0.1:{port}" in str(caught.value)
+            assert "s3cret-pw" not in str(caught.value)
+            assert "s3cret-pw" not in repr(account)
+    finally:
+        await account.aclose()
+
+
+async def test_a_cancelled_waiter_leaves_nothing_held_or_queued(
+    accounts: Callable[..., RedisAccount], raw: aioredis.Redis, name: str
+) -> None:
+    one, two = accounts(max_running=1), accounts(max_running=1)
+    slot = await one.acquire("holder", nobody)
+    waiter = asyncio.ensure_future(two.acquire("waiter", nobody))
+
+    async def queued() -> bool:
+        return await raw.zcard(f"kling:{{{name}}}:queue") == 1
+
+    await until(queued, "the waiter queued")
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await one.release(slot)
+    await two.aclose()  # waits for the give-back it started
+    assert await raw.hlen(f"kling:{{{name}}}:leases") == 0
+    assert await raw.zcard(f"kling:{{{name}}}:queue") == 0
+
+
+async def test_cancelling_during_the_take_gives_the_slot_back(
+    accounts: Callable[..., RedisAccount], raw: aioredis.Redis, name: str
+) -> None:
+    account = accounts(max_running=1)
+    for _ in range(20):
+        attempt = asyncio.ensure_future(account.acquire("racer", nobody))
+        await asyncio.sleep(0)
+        attempt.cancel()
+        try:
+            slot = await attempt
+        except asyncio.CancelledError:
+            pass
+        else:
+            await account.release(slot)
+    await account.aclose()
+    assert await raw.hlen(f"kling:{{{name}}}:leases") == 0
+
+
+async def test_release_completes_even_when_the_caller_is_cancelled(
+    accounts: Callable[..., RedisAccount], raw: aioredis.Redis, name: str
+) -> None:
+    account = accounts(max_running=1)
+    slot = await account.acquire("ext", nobody)
+    releasing = asyncio.ensure_future(account.release(slot))
+    await asyncio.sleep(0)
+    releasing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await releasing
+    await account.aclose()
+    assert await raw.hlen(f"kling:{{{name}}}:leases") == 0
+
+
+async def test_slots_are_put_back_after_redis_loses_its_data(
+    redis_server: RedisServer, redis_url: str, name: str
+) -> None:
+    account = RedisAccount(redis_url, name=name, max_running=2, lease=0.3)
+    try:
+        for index in range(2):
+            slot = await account.acquire(f"ext-{index}", nobody)
+            await account.created(slot, running(f"task-{index}"))
+        redis_server.restart()
+        raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+
+            async def restored() -> bool:
+                return await raw.hlen(f"kling:{{{name}}}:leases") == 2
+
+            await until(restored, "the holder put its leases back")
+            await account.finished(done("task-0"))
+            assert await raw.hlen(f"kling:{{{name}}}:leases") == 1
+        finally:
+            await raw.aclose()
+    finally:
+        await account.aclose()
+
+
+async def test_a_client_passed_in_is_not_closed(redis_url: str, name: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    account = RedisAccount(client, name=name, max_running=1)
+    slot = await account.acquire("ext", nobody)
+    await account.release(slot)
+    await account.aclose()
+    assert await client.ping()
+    await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_running": 0}, "max_running"),
+        ({"max_running": True}, "max_running"),
+        ({"lease": 0}, "lease"),
+        ({"lease": float("nan")}, "lease"),
+        ({"name": ""}, "name"),
+    ],
+)
+def test_bad_arguments_are_configuration_errors(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        RedisAccount("redis://127.0.0.1:1/0", **options)  # type: ignore[arg-type]
+
+
+def test_a_bad_url_is_a_configuration_error_without_the_url() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        RedisAccount("http://user:s3cret@example.invalid/")
+    assert "s3cret" not in str(caught.value)
