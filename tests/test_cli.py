@@ -19,9 +19,9 @@ import pytest
 from click.testing import CliRunner, Result
 from rich.console import Console
 
-from kling_async import _cli_progress
-from kling_async._cli_app import cli
-from kling_async._cli_runtime import expand_bare_simulate
+from kling_async._cli import _progress as _cli_progress
+from kling_async._cli._app import cli
+from kling_async._cli._runtime import expand_bare_simulate
 from kling_async.testing import Simulator
 
 pytest_plugins = ["kling_async.testing.pytest_plugin"]

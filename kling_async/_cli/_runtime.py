@@ -275,7 +275,7 @@ def run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
         report(str(error))
         return EXIT_FAILED
     except KeyboardInterrupt:
-        report("interrupted")
+        click.echo("interrupted", err=True)
         return EXIT_INTERRUPTED
 
 

@@ -1,7 +1,7 @@
 """The ``kling-async`` command group and its single-task commands.
 
 ``extend``, ``status``, ``wait``, ``list`` and ``download`` work on one task (or one
-page of them); ``batch`` lives in `kling_async._cli_batch`; ``simulate`` serves the
+page of them); ``batch`` lives in `kling_async._cli._batch`; ``simulate`` serves the
 simulator in the foreground.
 """
 
@@ -14,10 +14,16 @@ from typing import Any, TypeVar
 import click
 
 from kling_async import __version__
-from kling_async._cli_batch import batch
-from kling_async._cli_output import print_json, print_task, print_task_table, saved, task_document
-from kling_async._cli_progress import download_display, task_status_display
-from kling_async._cli_runtime import (
+from kling_async._cli._batch import batch
+from kling_async._cli._progress import download_display, task_status_display
+from kling_async._cli._rows_out import (
+    print_json,
+    print_task,
+    print_task_table,
+    saved,
+    task_document,
+)
+from kling_async._cli._runtime import (
     EXIT_FAILED,
     EXIT_OK,
     CliCommand,

@@ -23,7 +23,8 @@ from typing import IO, Any, cast
 
 import click
 
-from kling_async._cli_batch_input import (
+from kling_async._cli._progress import BatchDisplay, LiveBatchDisplay, RowOutcome, batch_display
+from kling_async._cli._rows_in import (
     FORMATS,
     BadRow,
     InputError,
@@ -33,9 +34,8 @@ from kling_async._cli_batch_input import (
     read_csv,
     read_jsonl,
 )
-from kling_async._cli_output import JsonLinesWriter, error_document, task_document
-from kling_async._cli_progress import BatchDisplay, LiveBatchDisplay, RowOutcome, batch_display
-from kling_async._cli_runtime import (
+from kling_async._cli._rows_out import JsonLinesWriter, error_document, task_document
+from kling_async._cli._runtime import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
