@@ -107,12 +107,16 @@ def read_jsonl(stream: IO[bytes]) -> Iterator[Row]:
     """Rows of a JSON Lines stream (blank lines skipped; each line one object)."""
     for number, raw in enumerate(stream, 1):
         line = raw[len(_BOM) :] if number == 1 and raw.startswith(_BOM) else raw
+        # Without its line ending, so that orjson's position is a column of this line
+        # (with it, a line cut short reads as an error at "line 2 column 1").
+        line = line.rstrip(b"\r\n")
         if not line.strip():
             continue
         try:
             value = orjson.loads(line)
         except orjson.JSONDecodeError as error:
-            yield BadRow(number, f"not valid JSON ({error})")
+            where = f"line {number}, column {error.colno}"
+            yield BadRow(number, f"not valid JSON: {error.msg} ({where})")
             continue
         if not isinstance(value, dict):
             kind = "null" if value is None else _JSON_TYPES.get(type(value), "true or false")
