@@ -14,12 +14,15 @@ async with Simulator(processing_time=0.1) as sim:
     assert not sim.counters.duplicate_external_ids
 ```
 
+Pass `clock=ManualClock()` to move time in a test instead of waiting for it,
+`time_spread=` to vary task times, and `state_path=` to remember the account across runs.
 From synchronous code use `with Simulator().run_in_thread() as sim: ...`; pytest users can
 enable the `kling_simulator` and `kling_env` fixtures with
 `pytest_plugins = ["kling_async.testing.pytest_plugin"]`. Run it stand-alone with
 `python -m kling_async.testing --port 8765`.
 """
 
+from ._clock import ManualClock
 from ._models import (
     ALL_FAULT_KINDS,
     CallbackDelivery,
@@ -40,6 +43,7 @@ __all__ = [
     "Counters",
     "FaultKind",
     "FaultTarget",
+    "ManualClock",
     "RecordedRequest",
     "SimTask",
     "SimVideo",

@@ -32,6 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     add("--secret-key", default="sim-secret-key", help="JWT HS256 secret")
     add("--submit-time", type=float, default=0.5, help="seconds in 'submitted'")
     add("--processing-time", type=float, default=3.0, help="seconds in 'processing'")
+    add(
+        "--time-spread",
+        type=float,
+        default=0.0,
+        help="vary each task's times by up to this fraction, in [0, 1) (default 0)",
+    )
+    add("--state", default=None, metavar="FILE", help="remember tasks and ports in FILE")
     add("--failure-rate", type=float, default=0.0, help="fraction of tasks that fail")
     add("--running-limit", type=int, default=None, help="max running tasks (429/1303)")
     add("--credit", type=int, default=None, help="tasks the account may create (429/1102)")
@@ -64,15 +71,24 @@ async def _serve(args: argparse.Namespace) -> None:
         port=args.port,
         file_size=args.file_size,
         files_port=args.files_port,
+        time_spread=args.time_spread,
+        state_path=args.state,
     )
     await simulator.serve_until_signalled(_announce)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv`, serve until interrupted, and return the exit status."""
-    args = _parser().parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(args))
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.time_spread < 1.0:
+        parser.error("--time-spread must be in [0, 1)")
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_serve(args))
+    except ValueError as exc:  # an unreadable --state file
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

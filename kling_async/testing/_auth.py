@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ._wire import decode_hs256, is_number
@@ -21,8 +22,14 @@ class Authenticator:
     """
 
     def __init__(
-        self, *, api_key: str | None, access_key: str | None, secret_key: str | None
+        self,
+        *,
+        api_key: str | None,
+        access_key: str | None,
+        secret_key: str | None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self._clock = clock
         self.api_key = api_key
         self.access_key = access_key
         self.secret_key = secret_key
@@ -32,7 +39,7 @@ class Authenticator:
 
     def expire_tokens(self) -> None:
         """Reject every JWT signed before now (and every one seen so far) with 1004."""
-        self._expired_at = time.time()
+        self._expired_at = self._clock()
         self._revoked.update(self._claims)
 
     def check(self, header: str | None) -> int:
@@ -64,7 +71,7 @@ class Authenticator:
             return 1002
         if isinstance(exp, bool) or not all(v is None or is_number(v) for v in (nbf, iat)):
             return 1002
-        now = time.time()
+        now = self._clock()
         if now >= exp or token in self._revoked:
             return 1004
         if self._expired_at is not None:

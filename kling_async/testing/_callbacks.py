@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime
+import heapq
+import itertools
 import time
 import uuid
 from collections.abc import Callable
@@ -19,7 +21,13 @@ __all__ = ["CallbackDispatcher"]
 
 
 class CallbackDispatcher:
-    """Schedules and sends a task's callbacks; owns the timers and delivery tasks."""
+    """Schedules and sends a task's callbacks; owns the timer and the delivery tasks.
+
+    Status changes come due on the simulator's clock. They are delivered by one timer
+    armed for the earliest (which serves the wall clock) and by `deliver_due`, which the
+    simulator calls when a `ManualClock` is moved and on every API request, so a test
+    that moves the clock gets the callbacks without waiting for real time.
+    """
 
     def __init__(
         self,
@@ -29,6 +37,7 @@ class CallbackDispatcher:
         counters: Counters,
         webhook: Webhook | None,
         should_drop: Callable[[], bool],
+        clock: Callable[[], float],
         log_size: int = 1000,
     ) -> None:
         self._loop = loop
@@ -36,44 +45,61 @@ class CallbackDispatcher:
         self._counters = counters
         self._webhook = webhook
         self._should_drop = should_drop
-        self._timers: dict[str, list[asyncio.TimerHandle]] = {}
+        self._clock = clock
+        self._due: list[tuple[float, int, str]] = []  # heap of (at, sequence, task id)
+        self._sequence = itertools.count()
+        self._waiting: dict[str, SimTask] = {}  # tasks with status changes still to come
+        self._timer: asyncio.TimerHandle | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
         self.log: collections.deque[CallbackDelivery] = collections.deque(maxlen=log_size)
 
     @property
     def pending(self) -> int:
         """Deliveries in progress plus tasks with status changes still to come."""
-        return len(self._deliveries) + len(self._timers)
+        return len(self._deliveries) + len(self._waiting)
 
     def schedule(self, task: SimTask) -> None:
-        """Send the current status now and schedule one callback per later status change."""
+        """Send the current status now and queue one callback per later status change."""
         if task.callback_url is None:
             return
-        now = time.time()
         self._send(task, task.created_at)
-        handles: list[asyncio.TimerHandle] = []
         seen = {task.status_at(task.created_at)}
         for phase_at in (task.processing_at, task.finishes_at):
             status = task.status_at(phase_at)
             if status in seen:
                 continue
             seen.add(status)
-            handle = self._loop.call_later(max(phase_at - now, 0.0), self._on_timer, task, phase_at)
-            handles.append(handle)
-        if handles:
-            self._timers[task.task_id] = handles
+            heapq.heappush(self._due, (phase_at, next(self._sequence), task.task_id))
+            self._waiting[task.task_id] = task
+        self.deliver_due()
 
     def finish(self, task: SimTask) -> None:
-        """The task was forced terminal: drop its timers and send its final status now."""
-        for handle in self._timers.pop(task.task_id, ()):
-            handle.cancel()
+        """The task was forced terminal: forget its status changes, send its final status."""
+        self._waiting.pop(task.task_id, None)
         if task.callback_url is not None and task.forced_at is not None:
             self._send(task, task.forced_at)
 
-    def _on_timer(self, task: SimTask, phase_at: float) -> None:
-        if task.status_at(phase_at) in TERMINAL_STATUSES:
-            self._timers.pop(task.task_id, None)
-        self._send(task, phase_at)
+    def deliver_due(self) -> None:
+        """Send every status change due by the clock's time now, and re-arm the timer."""
+        now = self._clock()
+        due = self._due
+        while due and due[0][0] <= now:
+            phase_at, _, task_id = heapq.heappop(due)
+            task = self._waiting.get(task_id)
+            if task is None:  # forced terminal meanwhile
+                continue
+            if task.status_at(phase_at) in TERMINAL_STATUSES:
+                del self._waiting[task_id]
+            self._send(task, phase_at)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while due and due[0][2] not in self._waiting:
+            heapq.heappop(due)
+        if due:
+            # A floor keeps a clock that lags the loop's own (or stands still) from spinning.
+            delay = max(due[0][0] - now, 0.001)
+            self._timer = self._loop.call_later(delay, self.deliver_due)
 
     def _send(self, task: SimTask, at: float) -> None:
         url = task.callback_url
@@ -91,6 +117,7 @@ class CallbackDispatcher:
         headers = {"Content-Type": "application/json"}
         if self._webhook is not None:
             msg_id = f"msg_{uuid.uuid4().hex}"
+            # Wall time on purpose: receivers check the signature's age against theirs.
             stamp = int(time.time())
             when = datetime.datetime.fromtimestamp(stamp, tz=datetime.timezone.utc)
             headers["webhook-id"] = msg_id
@@ -113,11 +140,12 @@ class CallbackDispatcher:
         self.log.append(CallbackDelivery(url, body, headers, status, error))
 
     async def close(self) -> None:
-        """Cancel every timer and in-progress delivery, and wait for them to end."""
-        for handles in self._timers.values():
-            for handle in handles:
-                handle.cancel()
-        self._timers.clear()
+        """Cancel the timer and every in-progress delivery, and wait for them to end."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._due.clear()
+        self._waiting.clear()
         deliveries = list(self._deliveries)
         for delivery in deliveries:
             delivery.cancel()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import random
 import threading
@@ -18,6 +17,7 @@ __all__ = [
     "PRE_FAULTS",
     "Fault",
     "FaultPlan",
+    "connection_gone",
     "drop_connection",
     "interruptible_sleep",
     "parse_kind",
@@ -216,13 +216,38 @@ async def send_short_body(
     return response
 
 
-async def interruptible_sleep(delay: float, closing: asyncio.Event | None) -> None:
-    """Sleep `delay` seconds, or less if `closing` gets set."""
-    if closing is None:
-        await asyncio.sleep(delay)
-        return
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(closing.wait(), delay)
+def connection_gone(request: web.BaseRequest) -> bool:
+    """Whether the client has closed (or lost) the request's connection.
+
+    asyncio closes the transport as soon as it reads the peer's end of stream, so this
+    turns true within the loop iteration that sees the client go.
+    """
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+_WATCH_INTERVAL = 0.01
+"""Seconds between two looks at the connection (and at `closing`) while a delay runs."""
+
+
+async def interruptible_sleep(
+    delay: float, closing: asyncio.Event | None, request: web.BaseRequest
+) -> None:
+    """Sleep `delay` seconds, or less if `closing` gets set or the client goes away.
+
+    Polled (every 10 ms) rather than woken: aiohttp offers a handler no connection-lost
+    signal short of cancelling it (`handler_cancellation`), which would also cancel the
+    simulator's own drop faults mid-way.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + delay
+    while True:
+        if (closing is not None and closing.is_set()) or connection_gone(request):
+            return
+        left = deadline - loop.time()
+        if left <= 0:
+            return
+        await asyncio.sleep(min(left, _WATCH_INTERVAL))
 
 
 async def serve_api_fault(
@@ -243,7 +268,7 @@ async def serve_api_fault(
     if answer is None:  # not reached: the faults above are the only ones served early
         return await drop_connection(request)
     if kind is FaultKind.SLOW:
-        await interruptible_sleep(fault.delay, closing)
+        await interruptible_sleep(fault.delay, closing, request)
         return answer
     if kind is FaultKind.HTML:
         return web.Response(body=PROXY_PAGE, status=200, content_type="text/html")
@@ -273,7 +298,7 @@ async def serve_files_fault(
     if kind in (FaultKind.DROP_BEFORE, FaultKind.DROP_AFTER):
         return await drop_connection(request)
     if kind is FaultKind.SLOW:
-        await interruptible_sleep(fault.delay, closing)
+        await interruptible_sleep(fault.delay, closing, request)
         return None
     if kind is FaultKind.HTML:
         return web.Response(body=PROXY_PAGE, status=200, content_type="text/html")

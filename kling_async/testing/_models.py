@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 __all__ = [
@@ -203,7 +203,7 @@ class SimTask:
 
     Attributes:
         task_id: 18-digit task id.
-        created_at: Unix time in seconds.
+        created_at: Unix time in seconds (by the simulator's clock).
         submit_time: seconds the task stays `submitted`.
         processing_time: further seconds in `processing`.
         outcome: `"succeed"` or `"failed"`, decided at creation.
@@ -216,6 +216,7 @@ class SimTask:
         request: the create body as received.
         forced_status: terminal status set by `Simulator.finish_task`, if any.
         forced_at: when `forced_status` was set.
+        clock: the simulator's clock, which `status` reads.
     """
 
     task_id: str
@@ -232,6 +233,7 @@ class SimTask:
     request: dict[str, Any]
     forced_status: str | None = None
     forced_at: float | None = None
+    clock: Callable[[], float] = dataclasses.field(default=time.time, repr=False)
 
     @property
     def processing_at(self) -> float:
@@ -245,8 +247,9 @@ class SimTask:
 
     @property
     def status(self) -> str:
-        """Status now: `submitted`, `processing`, `succeed` or `failed`."""
-        return self.status_at(time.time())
+        """Status now (by the simulator's clock): `submitted`, `processing`, `succeed`
+        or `failed`."""
+        return self.status_at(self.clock())
 
     def status_at(self, now: float) -> str:
         """Status at Unix time `now`."""
@@ -271,7 +274,7 @@ class SimTask:
     def to_json(self, now: float | None = None) -> dict[str, Any]:
         """The task object of the wire format (the envelope's `data`) at Unix time `now`."""
         if now is None:
-            now = time.time()
+            now = self.clock()
         status = self.status_at(now)
         info: dict[str, Any] = {"parent_video": self.parent_video.to_json()}
         if self.external_task_id is not None:

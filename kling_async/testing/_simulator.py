@@ -1,49 +1,47 @@
-"""The in-process simulator of Kling's video-extend API (`Simulator`)."""
+"""The `Simulator` facade: configuration, state, counters and the controls tests use.
+
+Its handlers are in `_handlers.py`, the serving machinery in `_runner.py`.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import contextlib
+import os
 import random
-import signal
-import threading
 import time
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Literal, TypeVar
 
 import aiohttp
-import orjson
 from aiohttp import web
-from aiohttp.typedefs import Handler
-from multidict import CIMultiDict, CIMultiDictProxy
 from standardwebhooks.webhooks import Webhook
 
 from ._auth import Authenticator
 from ._callbacks import CallbackDispatcher
-from ._faults import PRE_FAULTS, Fault, FaultPlan, serve_api_fault, serve_files_fault
-from ._files import serve_file
+from ._clock import Clock, ManualClock
+from ._faults import FaultPlan
+from ._handlers import Handlers
 from ._models import (
     ALL_FAULT_KINDS,
     TERMINAL_STATUSES,
     CallbackDelivery,
     Counters,
-    FaultKind,
-    FaultTarget,
     RecordedRequest,
     SimTask,
     SimVideo,
 )
+from ._runner import call_on_loop, run_in_thread, serve_app, serve_until_signalled, url_host
+from ._state import SavedState, read_state, write_state
 from ._store import TaskStore
-from ._wire import envelope, int_param, validate_create
 
 __all__ = ["Simulator"]
 
 _T = TypeVar("_T")
 
-_PATH = "/v1/videos/video-extend"
 _RECENT_SIZE = 1000
 
 
@@ -53,6 +51,8 @@ class Simulator:
     Serves the API (`base_url`) and the result files (`files_base_url`, a second port
     standing for the CDN) with `aiohttp.web`. Task status is computed from timestamps when
     read, so any number of tasks costs no timers (except tasks with a `callback_url`).
+    Every task time is read from `clock`: pass a `ManualClock` to move time in a test
+    instead of waiting for it.
 
     Use it as `async with Simulator() as sim: ...`, with explicit `start()`/`close()`, or
     from synchronous code with `with Simulator().run_in_thread() as sim: ...`.
@@ -77,10 +77,28 @@ class Simulator:
         files_port: files server port (0 picks a free one).
         latency: seconds every API answer takes at least (with 0 the handler still yields
             to the event loop once, so concurrent requests overlap as on a real server).
+            Like a `"slow"` fault's delay, it is real time, whatever the `clock`.
+        clock: a zero-argument callable giving Unix time in seconds, read for every task
+            time (created, processing, finished, the ms timestamps it answers, callbacks
+            coming due) and for JWT expiry; default `time.time`. A `ManualClock` also
+            delivers due callbacks as soon as it is moved.
+        time_spread: a fraction in [0, 1): each task's submit and processing times are
+            drawn (seeded) uniformly from t * (1 - spread) to t * (1 + spread), as Kling's
+            tasks take varied times. The default 0 gives every task the same times.
+        state_path: a file to remember the account in across runs: tasks, videos, ids,
+            external ids, the task count (for `credit`) and the ports last listened on.
+            Read at `start` (a missing file is an empty account), written atomically after
+            every create and `finish_task` and at `close`. With `port=0` (or
+            `files_port=0`) the saved port is tried first, so `base_url` stays the same
+            across runs while it is free. Task times are stored as absolute clock times,
+            so a task finishes on time across a restart. `counters` count the current run,
+            except `creates_by_external_id` (and `duplicate_external_ids`), which start
+            from the remembered tasks.
 
     Attributes:
         submit_time: see Args (changes apply to tasks created afterwards).
         processing_time: see Args (changes apply to tasks created afterwards).
+        time_spread: see Args (changes apply to tasks created afterwards).
         failure_rate: see Args.
         running_limit: see Args (may be changed at any time).
         credit: see Args (may be changed at any time; counts every task ever created).
@@ -88,6 +106,11 @@ class Simulator:
         latency: see Args (may be changed at any time).
         drop_callbacks: when true, callbacks are silently not sent (lost callbacks).
         counters: what the simulator has seen.
+        clock: see Args.
+
+    Raises:
+        ValueError: at `start`, when `state_path` exists but cannot be read, is damaged or
+            has another version (the file is left as it is).
     """
 
     def __init__(
@@ -109,6 +132,9 @@ class Simulator:
         file_size: int = 256 * 1024,
         files_port: int = 0,
         latency: float = 0.0,
+        clock: Clock | None = None,
+        time_spread: float = 0.0,
+        state_path: str | os.PathLike[str] | None = None,
     ) -> None:
         if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
             raise ValueError("prefix must be '' or start with '/' and not end with '/'")
@@ -116,20 +142,27 @@ class Simulator:
             raise ValueError("submit_time and processing_time must not be negative")
         if not 0.0 <= failure_rate <= 1.0:
             raise ValueError("failure_rate must be in [0, 1]")
+        if not 0.0 <= time_spread < 1.0:
+            raise ValueError("time_spread must be in [0, 1)")
         if latency < 0:
             raise ValueError("latency must not be negative")
         if file_size < 0:
             raise ValueError("file_size must not be negative")
         if (access_key is None) != (secret_key is None):
             raise ValueError("access_key and secret_key go together")
-        self._auth = Authenticator(api_key=api_key, access_key=access_key, secret_key=secret_key)
+        self.clock: Clock = time.time if clock is None else clock
+        self._auth = Authenticator(
+            api_key=api_key, access_key=access_key, secret_key=secret_key, clock=self._clock
+        )
         self._prefix = prefix
         self._host = host
         self._port = port
         self._files_port_requested = files_port
         self._webhook = Webhook(webhook_secret) if webhook_secret is not None else None
+        self._state_path = None if state_path is None else Path(state_path)
         self.submit_time = submit_time
         self.processing_time = processing_time
+        self.time_spread = time_spread
         self.failure_rate = failure_rate
         self.running_limit = running_limit
         self.credit = credit
@@ -138,10 +171,21 @@ class Simulator:
         self.drop_callbacks = False
         self.counters = Counters()
 
-        self._store = TaskStore(seed=seed, video_url=self.video_url)
+        self._store = TaskStore(seed=seed, video_url=self.video_url, clock=self._clock)
         fault_seed = None if seed is None else f"kling-sim-faults-{seed}"
         self._faults = FaultPlan(random.Random(fault_seed))
         self._recent: collections.deque[RecordedRequest] = collections.deque(maxlen=_RECENT_SIZE)
+        self._handlers = Handlers(
+            settings=self,
+            store=self._store,
+            faults=self._faults,
+            auth=self._auth,
+            clock=self._clock,
+            recent=self._recent,
+            closing=lambda: self._closing,
+            on_request=self._deliver_due,
+            on_created=self._on_created,
+        )
 
         self._state: Literal["new", "starting", "started", "closing", "closed"] = "new"
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -152,10 +196,15 @@ class Simulator:
         self._callbacks: CallbackDispatcher | None = None
         self._api_port: int | None = None
         self._files_port: int | None = None
+        self._unwatch: Callable[[], None] | None = None
+        self._may_save = False  # true once the state file was read (never clobber a bad one)
 
     def __repr__(self) -> str:
         where = self.base_url if self._api_port is not None else self._state
         return f"<Simulator {where} tasks={len(self._store.tasks)}>"
+
+    def _clock(self) -> float:
+        return self.clock()
 
     # -- configuration, read-only ---------------------------------------------------------
 
@@ -179,6 +228,11 @@ class Simulator:
         """The path prefix of `base_url`."""
         return self._prefix
 
+    @property
+    def state_path(self) -> Path | None:
+        """The state file, or `None`."""
+        return self._state_path
+
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -186,6 +240,7 @@ class Simulator:
 
         Raises:
             RuntimeError: when already started (a simulator starts once).
+            ValueError: when `state_path` cannot be loaded.
         """
         if self._state != "new":
             raise RuntimeError("a Simulator can only be started once")
@@ -193,9 +248,22 @@ class Simulator:
         self._loop = asyncio.get_running_loop()
         self._closing = asyncio.Event()
         try:
-            self._api_runner, self._api_port = await self._serve(self._api_app(), self._port)
-            self._files_runner, self._files_port = await self._serve(
-                self._files_app(), self._files_port_requested
+            saved = read_state(self._state_path) if self._state_path is not None else None
+            # The files server first: the loaded videos' URLs name its port.
+            self._files_runner, self._files_port = await serve_app(
+                self._handlers.files_app(),
+                self._host,
+                self._files_port_requested,
+                preferred=saved.files_port if saved is not None else None,
+            )
+            if saved is not None:
+                self._restore(saved)
+            self._may_save = self._state_path is not None
+            self._api_runner, self._api_port = await serve_app(
+                self._handlers.api_app(self._prefix),
+                self._host,
+                self._port,
+                preferred=saved.api_port if saved is not None else None,
             )
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
             self._callbacks = CallbackDispatcher(
@@ -204,7 +272,11 @@ class Simulator:
                 counters=self.counters,
                 webhook=self._webhook,
                 should_drop=lambda: self.drop_callbacks,
+                clock=self._clock,
             )
+            if isinstance(self.clock, ManualClock):
+                self._unwatch = self.clock.watch(self._on_clock_moved)
+            self._save()
         except BaseException:
             await self._shutdown()
             self._state = "closed"
@@ -212,7 +284,8 @@ class Simulator:
         self._state = "started"
 
     async def close(self) -> None:
-        """Stop both servers, cancel pending callbacks and close the HTTP session.
+        """Stop both servers, cancel pending callbacks, close the HTTP session, and save
+        the state (with `state_path`).
 
         Slow (`"slow"` fault) answers in progress are cut short. Closing twice is fine.
         """
@@ -232,17 +305,10 @@ class Simulator:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def _serve(self, app: web.Application, port: int) -> tuple[web.AppRunner, int]:
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self._host, port).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        return runner, int(runner.addresses[0][1])
-
     async def _shutdown(self) -> None:
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         if self._closing is not None:
             self._closing.set()
         for runner in (self._api_runner, self._files_runner):
@@ -252,21 +318,17 @@ class Simulator:
             await self._callbacks.close()
         if self._session is not None:
             await self._session.close()
+        self._save()
+        self._may_save = False
 
     async def serve_until_signalled(
         self, announce: Callable[[Simulator], None] | None = None
     ) -> None:
         """Start, call `announce` with the running simulator, serve until SIGINT or
         SIGTERM, then close. For serving from a command line."""
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(signum, stop.set)
-        async with self:
-            if announce is not None:
-                announce(self)
-            await stop.wait()
+        await serve_until_signalled(
+            self.start, self.close, None if announce is None else lambda: announce(self)
+        )
 
     @contextlib.contextmanager
     def run_in_thread(self) -> Iterator[Simulator]:
@@ -281,66 +343,12 @@ class Simulator:
         """
         if self._state != "new":
             raise RuntimeError("a Simulator can only be started once")
-        loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        failure: list[BaseException] = []
-
-        def serve() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                try:
-                    loop.run_until_complete(self.start())
-                except BaseException as exc:
-                    failure.append(exc)
-                    return
-                finally:
-                    ready.set()
-                loop.run_forever()
-            finally:
-                try:
-                    _cancel_all_tasks(loop)
-                    loop.run_until_complete(loop.shutdown_asyncgens())
-                    loop.run_until_complete(loop.shutdown_default_executor())
-                finally:
-                    asyncio.set_event_loop(None)
-                    loop.close()
-
-        thread = threading.Thread(target=serve, name="kling-simulator", daemon=True)
-        thread.start()
-        ready.wait()
-        if failure:
-            thread.join()
-            raise failure[0]
-        try:
+        with run_in_thread(self.start, self.close):
             yield self
-        finally:
-            try:
-                asyncio.run_coroutine_threadsafe(self.close(), loop).result()
-            finally:
-                loop.call_soon_threadsafe(loop.stop)
-                thread.join()
 
     def _on_loop(self, fn: Callable[[], _T]) -> _T:
         """Run `fn` on the simulator's loop (from any thread) and return its result."""
-        loop = self._loop
-        if loop is None or loop.is_closed() or not loop.is_running():
-            return fn()
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is loop:
-            return fn()
-        future: concurrent.futures.Future[_T] = concurrent.futures.Future()
-
-        def call() -> None:
-            try:
-                future.set_result(fn())
-            except BaseException as exc:
-                future.set_exception(exc)
-
-        loop.call_soon_threadsafe(call)
-        return future.result()
+        return call_on_loop(self._loop, fn)
 
     # -- where it listens -----------------------------------------------------------------
 
@@ -353,7 +361,7 @@ class Simulator:
         """
         if self._api_port is None:
             raise RuntimeError("the Simulator is not started")
-        return f"http://{_url_host(self._host)}:{self._api_port}{self._prefix}"
+        return f"http://{url_host(self._host)}:{self._api_port}{self._prefix}"
 
     @property
     def files_base_url(self) -> str:
@@ -364,7 +372,7 @@ class Simulator:
         """
         if self._files_port is None:
             raise RuntimeError("the Simulator is not started")
-        return f"http://{_url_host(self._host)}:{self._files_port}"
+        return f"http://{url_host(self._host)}:{self._files_port}"
 
     @property
     def port(self) -> int:
@@ -409,7 +417,7 @@ class Simulator:
     @property
     def running_tasks(self) -> int:
         """Tasks not finished now (what `running_limit` is compared with)."""
-        return self._on_loop(lambda: self._store.running(time.time()))
+        return self._on_loop(lambda: self._store.running(self._clock()))
 
     @property
     def pending_faults(self) -> int:
@@ -496,201 +504,46 @@ class Simulator:
         self._on_loop(self._auth.expire_tokens)
 
     def _finish(self, task_id: str, status: str) -> None:
-        task = self._store.finish(task_id, status, time.time())
-        if task is not None and self._callbacks is not None:
+        task = self._store.finish(task_id, status, self._clock())
+        if task is None:
+            return
+        if self._callbacks is not None:
             self._callbacks.finish(task)
+        self._save()
 
-    # -- the API server -------------------------------------------------------------------
+    # -- hooks of the handlers, the clock and the state file ------------------------------
 
-    def _api_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._api_middleware])
-        prefixes = dict.fromkeys(["", "/kling", self._prefix])
-        for prefix in prefixes:
-            app.router.add_post(prefix + _PATH, self._handle_create)
-            app.router.add_get(prefix + _PATH, self._handle_list)
-            app.router.add_get(prefix + _PATH + "/{id}", self._handle_get)
-        app.router.add_route("*", "/{tail:.*}", self._handle_unknown)
-        return app
-
-    @web.middleware
-    async def _api_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        counters = self.counters
-        counters.requests += 1
-        counters.concurrent_requests += 1
-        if counters.concurrent_requests > counters.peak_concurrent_requests:
-            counters.peak_concurrent_requests = counters.concurrent_requests
-        try:
-            body = await request.read() if request.body_exists else b""
-            self._record(request, "api", body)
-            await asyncio.sleep(self.latency)
-            return await handler(request)
-        finally:
-            counters.concurrent_requests -= 1
-
-    def _record(self, request: web.Request, server: Literal["api", "files"], body: bytes) -> None:
-        headers = CIMultiDictProxy(CIMultiDict(request.headers))
-        self._recent.append(
-            RecordedRequest(
-                request.method,
-                request.path,
-                request.query_string,
-                headers,
-                body,
-                server,
-                time.time(),
-            )
-        )
-
-    def _take_fault(self, target: FaultTarget) -> Fault | None:
-        fault = self._faults.take(target)
-        if fault is not None:
-            self.counters.faults_injected += 1
-        return fault
-
-    async def _answer(
-        self, request: web.Request, target: FaultTarget, answer: Callable[[], web.Response]
-    ) -> web.StreamResponse:
-        fault = self._take_fault(target)
-        if fault is not None and fault.kind in PRE_FAULTS:
-            return await serve_api_fault(request, fault, None, self._closing)
-        response = answer()
-        if fault is not None:
-            return await serve_api_fault(request, fault, response, self._closing)
-        return response
-
-    async def _handle_create(self, request: web.Request) -> web.StreamResponse:
-        self.counters.creates += 1
-        body = await request.read()
-        return await self._answer(request, FaultTarget.CREATE, lambda: self._create(request, body))
-
-    async def _handle_get(self, request: web.Request) -> web.StreamResponse:
-        self.counters.gets += 1
-        return await self._answer(request, FaultTarget.GET, lambda: self._get(request))
-
-    async def _handle_list(self, request: web.Request) -> web.StreamResponse:
-        self.counters.lists += 1
-        return await self._answer(request, FaultTarget.LIST, lambda: self._list(request))
-
-    async def _handle_unknown(self, request: web.Request) -> web.StreamResponse:
-        return envelope(1202, f"no such method: {request.method} {request.path}")
-
-    def _authenticate(self, request: web.Request) -> web.Response | None:
-        """`None` when the request is authorized, else the 401 answer."""
-        code = self._auth.check(request.headers.get("Authorization"))
-        if code == 0:
-            return None
-        self.counters.auth_failures += 1
-        return envelope(code)
-
-    def _create(self, request: web.Request, body: bytes) -> web.Response:
-        rejected = self._authenticate(request)
-        if rejected is not None:
-            return rejected
-        now = time.time()
-        store = self._store
-        if self.credit is not None and store.created_total >= self.credit:
-            self.counters.rejected_1102 += 1
-            return envelope(1102)
-        running = store.running(now)
-        if self.running_limit is not None and running >= self.running_limit:
-            self.counters.rejected_1303 += 1
-            return envelope(1303)
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            payload = None
-        if not isinstance(payload, dict):
-            return envelope(1200, "the request body must be a JSON object")
-        problem = validate_create(payload)
-        if problem is not None:
-            return envelope(1201, problem)
-        parent = store.parent(payload["video_id"], now)
-        if isinstance(parent, str):
-            return envelope(1201, parent)
-        task = store.create(
-            payload,
-            parent,
-            now,
-            submit_time=self.submit_time,
-            processing_time=self.processing_time,
-            failure_rate=self.failure_rate,
-        )
-        counters = self.counters
-        counters.tasks_created += 1
-        if task.external_task_id is not None:
-            by_external = counters.creates_by_external_id
-            by_external[task.external_task_id] = by_external.get(task.external_task_id, 0) + 1
+    def _on_created(self, task: SimTask) -> None:
         if task.callback_url is not None and self._callbacks is not None:
             self._callbacks.schedule(task)
-        official = request.path.startswith("/v1/")
-        return envelope(0, data=task.create_answer(official=official))
+        self._save()
 
-    def _get(self, request: web.Request) -> web.Response:
-        rejected = self._authenticate(request)
-        if rejected is not None:
-            return rejected
-        key = request.match_info["id"]
-        task = self._store.find(key)
-        if task is None:
-            return envelope(1203, f"task not found: {key}")
-        return envelope(0, data=task.to_json())
+    def _deliver_due(self) -> None:
+        if self._callbacks is not None:
+            self._callbacks.deliver_due()
 
-    def _list(self, request: web.Request) -> web.Response:
-        rejected = self._authenticate(request)
-        if rejected is not None:
-            return rejected
-        page = int_param(request.query.get("pageNum", "1"))
-        size = int_param(request.query.get("pageSize", "30"))
-        if page is None or page < 1:
-            return envelope(1201, "pageNum must be an integer >= 1")
-        if size is None or not 1 <= size <= 500:
-            return envelope(1201, "pageSize must be an integer in [1, 500]")
-        now = time.time()
-        return envelope(0, data=[task.to_json(now) for task in self._store.page(page, size)])
+    def _on_clock_moved(self) -> None:
+        """A `ManualClock` moved (on any thread): deliver the callbacks now due."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._deliver_due)
 
-    # -- the files server -----------------------------------------------------------------
+    def _restore(self, saved: SavedState) -> None:
+        path = self._state_path
+        try:
+            self._store.load(saved.store, self._clock())
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"the simulator state file {str(path)!r} is damaged: {exc!r:.200}"
+            ) from exc
+        by_external = self.counters.creates_by_external_id
+        for task in self._store.order:
+            if task.external_task_id is not None:
+                by_external[task.external_task_id] = by_external.get(task.external_task_id, 0) + 1
 
-    def _files_app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/files/{name}", self._handle_file)
-        app.router.add_route("*", "/{tail:.*}", self._handle_file_unknown)
-        return app
-
-    async def _handle_file(self, request: web.Request) -> web.StreamResponse:
-        self.counters.file_requests += 1
-        self._record(request, "files", b"")
-        fault = self._take_fault(FaultTarget.FILES)
-        if fault is not None:
-            faulted = await serve_files_fault(request, fault, self._closing)
-            if faulted is not None:
-                return faulted
-        name = request.match_info["name"]
-        video = self._store.videos.get(name[:-4]) if name.endswith(".mp4") else None
-        if video is None or not self._store.video_ready(video, time.time()):
-            return web.Response(status=404, text="404 Not Found\n")
-        cut_short = fault is not None and fault.kind in (
-            FaultKind.SHORT_BODY,
-            FaultKind.TRUNCATED,
-        )
-        return await serve_file(request, video.id, self.file_size, cut_short=cut_short)
-
-    async def _handle_file_unknown(self, request: web.Request) -> web.StreamResponse:
-        self.counters.file_requests += 1
-        self._record(request, "files", b"")
-        return web.Response(status=404, text="404 Not Found\n")
-
-
-def _url_host(host: str) -> str:
-    if host in ("", "0.0.0.0"):  # noqa: S104 - mapping the wildcard to loopback
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
-
-
-def _cancel_all_tasks(loop: asyncio.AbstractEventLoop) -> None:
-    pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
-    for task in pending:
-        task.cancel()
-    if pending:
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    def _save(self) -> None:
+        if not self._may_save or self._state_path is None:
+            return
+        state = SavedState(self._store.dump(), self._api_port, self._files_port)
+        write_state(self._state_path, state)
