@@ -16,6 +16,7 @@ import functools
 import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any, Final
 
 import attrs
@@ -42,6 +43,10 @@ SIMULATE_MODES: Final = ("always", "auto", "never")
 #: Timing of the built-in simulator's tasks: a few seconds each, like a quick real task.
 SIMULATOR_SUBMIT_TIME: Final = 0.5
 SIMULATOR_PROCESSING_TIME: Final = 2.5
+#: Each task's times vary by up to this fraction either way, as Kling's do.
+SIMULATOR_TIME_SPREAD: Final = 0.8
+#: How often the built-in simulator's tasks are polled (unless --poll-interval).
+SIMULATOR_POLL: Final = PollPolicy(initial=0.5, factor=1.3, max_interval=1.5)
 
 _NO_CREDENTIALS: Final = (
     "no credentials: set KLING_API_KEY (a gateway's key), or KLING_ACCESS_KEY and "
@@ -207,18 +212,35 @@ def use_simulator(options: ClientOptions) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def open_client(options: ClientOptions, *, simulated: bool) -> AsyncIterator[KlingClient]:
-    """A `KlingClient` for the real API, or for a simulator served while it is open."""
+async def open_client(
+    options: ClientOptions,
+    *,
+    simulated: bool,
+    client_class: type[KlingClient] = KlingClient,
+    simulator_state: Path | None = None,
+) -> AsyncIterator[KlingClient]:
+    """A `KlingClient` for the real API, or for a simulator served while it is open.
+
+    Args:
+        options: the command's client options.
+        simulated: serve a simulator in-process and talk to it.
+        client_class: the client's class (the batch watches its rows with a subclass).
+        simulator_state: where the simulator keeps its tasks across runs, if anywhere.
+    """
     settings: dict[str, Any] = {
         "max_in_flight": options.max_in_flight,
         "timeout": options.request_timeout,
         "poll": options.poll_policy(),
     }
     if not simulated:
-        async with KlingClient(base_url=options.base_url, **settings) as client:
+        async with client_class(base_url=options.base_url, **settings) as client:
             yield client
         return
     from kling_async.testing import Simulator  # aiohttp.web: only when it is needed
+
+    if options.poll_interval is None:
+        # The simulator's tasks take seconds, not minutes: look as often as it is worth.
+        settings["poll"] = SIMULATOR_POLL
 
     simulator = Simulator(
         # A throwaway key: real credentials in the environment never reach the simulator.
@@ -227,16 +249,27 @@ async def open_client(options: ClientOptions, *, simulated: bool) -> AsyncIterat
         secret_key=None,
         submit_time=SIMULATOR_SUBMIT_TIME,
         processing_time=SIMULATOR_PROCESSING_TIME,
+        time_spread=SIMULATOR_TIME_SPREAD,
+        state_path=simulator_state,
     )
     async with (
         simulator,
-        KlingClient(api_key=simulator.api_key, base_url=simulator.base_url, **settings) as client,
+        client_class(api_key=simulator.api_key, base_url=simulator.base_url, **settings) as client,
     ):
         yield client
 
 
-def run_with_client(options: ClientOptions, body: Callable[[KlingClient], Awaitable[int]]) -> int:
-    """Run `body` with a client for the chosen backend; return the exit code."""
+def run_with_client(
+    options: ClientOptions,
+    body: Callable[[KlingClient], Awaitable[int]],
+    *,
+    client_class: type[KlingClient] = KlingClient,
+    simulator_state: Path | None = None,
+) -> int:
+    """Run `body` with a client for the chosen backend; return the exit code.
+
+    `client_class` and `simulator_state` are passed on to `open_client`.
+    """
     try:
         simulated = use_simulator(options)
     except CommandError as error:
@@ -244,7 +277,12 @@ def run_with_client(options: ClientOptions, body: Callable[[KlingClient], Awaita
         return error.exit_code
 
     async def main() -> int:
-        async with open_client(options, simulated=simulated) as client:
+        async with open_client(
+            options,
+            simulated=simulated,
+            client_class=client_class,
+            simulator_state=simulator_state,
+        ) as client:
             return await body(client)
 
     return run_async(main)
