@@ -709,7 +709,10 @@ def test_simulate_serves_until_interrupted(invoke: Invoke, monkeypatch: pytest.M
     )
     try:
         assert server.stdout is not None
-        exported = dict(server.stdout.readline().strip().split("=", 1) for _ in range(2))
+        first = server.stdout.readline().strip()
+        assert first.startswith("export KLING_BASE_URL=")
+        assert "KLING_API_KEY=" in first
+        exported = dict(pair.split("=", 1) for pair in first.removeprefix("export ").split())
         assert set(exported) == {"KLING_BASE_URL", "KLING_API_KEY"}
         for name, value in exported.items():
             monkeypatch.setenv(name, value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -55,3 +56,50 @@ def test_ctrl_c_while_starting_prints_one_line_and_exits_130(delay: float, tmp_p
     assert "Traceback" not in text
     assert text.rstrip().splitlines()[-1] == "interrupted"
     assert out == b"" or all(line.startswith(b"{") for line in out.splitlines())
+
+
+def _rows(count: int) -> str:
+    return "".join(f'{{"video_id": "v{n}", "prompt": "scene {n}"}}\n' for n in range(1, count + 1))
+
+
+def _created(state: Path) -> list[str]:
+    """The external task ids of every task the simulator's state file remembers."""
+    if not state.exists():
+        return []
+    tasks = json.loads(state.read_text(encoding="utf-8"))["store"]["tasks"]
+    return [task["external_task_id"] for task in tasks]
+
+
+def test_ctrl_c_and_the_same_command_again_finish_every_row_once(tmp_path: Path) -> None:
+    source = tmp_path / "rows.jsonl"
+    source.write_text(_rows(12), encoding="utf-8")
+    journal = tmp_path / "rows.journal"
+    state = tmp_path / "rows.journal.sim-state.json"
+    command = [sys.executable, "-m", "kling_async", "batch", str(source), "--simulate"]
+    command += ["--journal", str(journal), "--concurrency", "4", "--json"]
+    first = subprocess.Popen(
+        command, cwd=tmp_path, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 60
+    while len(_created(state)) < 3:  # a few rows submitted (tasks take about 3 s each)
+        assert first.poll() is None, first.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    first.send_signal(signal.SIGINT)
+    out, err = first.communicate(timeout=60)
+    assert first.returncode == 130, err.decode()
+    assert "Traceback" not in err.decode()
+    finished_first = [json.loads(line) for line in out.splitlines()]
+    assert len(finished_first) < 12
+    again = subprocess.run(
+        command, cwd=tmp_path, env=_environment(), capture_output=True, timeout=120, check=False
+    )
+    assert again.returncode == 0, again.stderr.decode()
+    results = [json.loads(line) for line in again.stdout.splitlines()]
+    assert sorted(result["row"] for result in results) == list(range(1, 13))
+    assert all(result["ok"] for result in results), again.stdout.decode()
+    created = _created(state)
+    assert len(created) == 12
+    assert len(set(created)) == 12  # no external task id was created twice
+    submitted_before = {r["task"]["task_id"] for r in finished_first}
+    assert submitted_before <= {r["task"]["task_id"] for r in results}

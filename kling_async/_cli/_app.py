@@ -78,9 +78,9 @@ def cli() -> None:
     \b
     Examples:
       kling-async extend 828006748715380777 "make the waves roll in" --wait
-      kling-async status 828006748715380777 --json
+      kling-async status 842250903629086785 --json   (a task id, as extend prints)
       kling-async batch examples/batch.jsonl --download downloads/
-      kling-async batch examples/batch.jsonl --simulate=auto --download downloads/
+      kling-async batch examples/batch.jsonl --simulate --download downloads/
     """
 
 
@@ -294,8 +294,9 @@ def download(task_id: str, dest: Path, overwrite: bool, client: ClientOptions) -
 def simulate(host: str, port: int, processing_time: float, failure_rate: float) -> None:
     """Serve a simulator of Kling's video-extend API until Ctrl-C.
 
-    Prints KLING_BASE_URL=... and KLING_API_KEY=... lines: export them (the key is the
-    simulator's own, not a secret) and every command talks to the simulator.
+    Prints an "export KLING_BASE_URL=... KLING_API_KEY=..." line: paste it into your
+    shell (the key is the simulator's own, not a secret) and every command talks to
+    the simulator.
 
     \b
     Example:
@@ -306,8 +307,8 @@ def simulate(host: str, port: int, processing_time: float, failure_rate: float) 
     from kling_async.testing import Simulator
 
     def announce(simulator: Simulator) -> None:
-        click.echo(f"KLING_BASE_URL={simulator.base_url}")
-        click.echo(f"KLING_API_KEY={simulator.api_key}")
+        # One line a shell can run as it is: pasted, every command talks to the simulator.
+        click.echo(f"export KLING_BASE_URL={simulator.base_url} KLING_API_KEY={simulator.api_key}")
         click.echo("Serving the simulator; press Ctrl-C to stop.", err=True)
 
     async def serve() -> int:

@@ -171,7 +171,7 @@ class LiveBatchDisplay(BatchDisplay):
         table.add_column(width=STATUS_WIDTH, no_wrap=True)
         table.add_column(width=VIDEO_WIDTH, no_wrap=True, overflow="ellipsis")
         table.add_column(width=6, no_wrap=True, justify="right")
-        shown = sorted(list(self._in_flight.items()))[:_SHOWN_IN_FLIGHT]
+        shown = sorted(self._in_flight.items())[:_SHOWN_IN_FLIGHT]
         for row, flight in shown:
             table.add_row(
                 Text("·", style="dim"),
