@@ -754,3 +754,14 @@ def test_readme_sample_batch_runs_against_the_built_in_simulator(
     assert len(files) == 8
     assert all(Path(row["file"]).exists() for row in rows.values())
     assert "built-in simulator" in result.stderr
+
+
+def test_batch_with_a_wrong_key_stops_at_the_first_request_and_exits_2(
+    invoke: Invoke, kling_env: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KLING_API_KEY", f"sk-wrong-{uuid.uuid4().hex}")
+    result = invoke("batch", EXAMPLES / "batch.jsonl", *FAST)
+    assert result.exit_code == 2
+    assert "KLING_API_KEY" in result.stderr
+    assert kling_env.counters.requests == 1
+    assert kling_env.counters.tasks_created == 0
