@@ -20,6 +20,7 @@ from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
+    Callable,
     Iterable,
     Sized,
 )
@@ -58,6 +59,7 @@ class Batch:
         journal: str | Path | None,
         on_progress: OnProgress | None,
         callbacks: CallbackSource | None,
+        on_update: Callable[[int, Task], None] | None = None,
     ) -> None:
         if not is_int_in(concurrency, 1):
             raise ValidationError("concurrency", "must be an integer of at least 1", concurrency)
@@ -80,6 +82,7 @@ class Batch:
         self._journal: Journal | None = None
         self._on_progress = on_progress
         self._callbacks = callbacks
+        self._on_update = on_update
         self._total = len(requests) if isinstance(requests, Sized) else None
         self._results: asyncio.Queue[Any] = asyncio.Queue(maxsize=concurrency)
         self._input_lock = asyncio.Lock()
@@ -261,6 +264,8 @@ class Batch:
                 await record(FINISHED, error=error)
                 return BatchResult(index=index, request=request, error=error)
             self.submitted += 1
+            if self._on_update is not None:
+                self._on_update(index, task)
             await record(SUBMITTED, task)
             if not self._wait:
                 if self._own_account:
@@ -276,7 +281,7 @@ class Batch:
                 task.task_id,
                 task,
                 timeout=ITEM_WAIT_TIMEOUT,
-                on_update=None,
+                on_update=None if self._on_update is None else self._item_update(index),
                 callbacks=self._callbacks,
                 account=self._account,
             )
@@ -291,6 +296,11 @@ class Batch:
             self.running -= 1
         await record(FINISHED, final)
         return BatchResult(index=index, request=request, task=final)
+
+    def _item_update(self, index: int) -> Callable[[Task], None]:
+        assert self._on_update is not None
+        on_update = self._on_update
+        return lambda task: on_update(index, task)
 
     def _check_credit(self) -> None:
         if self._no_credit is not None:
@@ -323,8 +333,10 @@ async def extend_many(
     journal: str | Path | None = None,
     on_progress: OnProgress | None = None,
     callbacks: CallbackSource | None = None,
+    on_update: Callable[[int, Task], None] | None = None,
 ) -> AsyncGenerator[BatchResult, None]:
-    """See `KlingClient.extend_many`."""
+    """See `KlingClient.extend_many`; `on_update(index, task)` hears each item's task
+    status as it changes (the command line's per-row display uses it)."""
     batch = Batch(
         tasks,
         requests,
@@ -333,6 +345,7 @@ async def extend_many(
         journal=journal,
         on_progress=on_progress,
         callbacks=callbacks,
+        on_update=on_update,
     )
     async for result in batch.run():
         yield result

@@ -19,9 +19,9 @@ import pytest
 from click.testing import CliRunner, Result
 from rich.console import Console
 
-from kling_async import _cli_progress
-from kling_async._cli_app import cli
-from kling_async._cli_runtime import expand_bare_simulate
+from kling_async._cli import _progress as _cli_progress
+from kling_async._cli._app import cli
+from kling_async._cli._runtime import expand_bare_simulate
 from kling_async.testing import Simulator
 
 pytest_plugins = ["kling_async.testing.pytest_plugin"]
@@ -100,7 +100,7 @@ def check_sample_results(rows: dict[int, dict[str, Any]]) -> None:
     assert bad["ok"] is False
     assert bad["task"] is None
     assert bad["error"]["field"] == "cfg_scale"
-    assert bad["error"]["message"] == "row 5: cfg_scale: must be a number from 0 to 1 (got float)"
+    assert bad["error"]["message"] == "row 5: cfg_scale: must be a number from 0 to 1 (given: 1.5)"
     for result in rows.values():
         assert result["ok"] is True, result
         assert result["error"] is None
@@ -411,7 +411,7 @@ def test_batch_jsonl_with_a_bad_row(invoke: Invoke, kling_env: Simulator) -> Non
     check_sample_results(by_row(result.stdout))
     assert kling_env.counters.tasks_created == 7
     assert not kling_env.counters.duplicate_external_ids
-    assert "row 5: failed: cfg_scale" in result.stderr
+    assert "row 5: invalid: cfg_scale" in result.stderr
     assert "7 ok, 1 failed" in result.stderr
 
 
@@ -420,7 +420,7 @@ def test_batch_csv_with_a_bad_row(invoke: Invoke, kling_env: Simulator) -> None:
     assert result.exit_code == 1, result.stderr
     rows = by_row(result.stdout)
     assert rows[5]["error"]["message"] == (
-        "row 5: cfg_scale: must be a number from 0 to 1 (got float)"
+        "row 5: cfg_scale: must be a number from 0 to 1 (given: 1.5)"
     )
     check_sample_results(rows)
     assert kling_env.counters.tasks_created == 7
@@ -455,8 +455,8 @@ def test_batch_csv_bad_cells_name_row_and_field(
     assert rows[1]["ok"] is True
     assert rows[8]["ok"] is True
     expected = {
-        2: ("cfg_scale", "row 2: cfg_scale: must be a number from 0 to 1 (got str)"),
-        3: ("watermark", "row 3: watermark: must be true/false, 1/0 or yes/no (got str)"),
+        2: ("cfg_scale", 'row 2: cfg_scale: must be a number from 0 to 1 (given: "high")'),
+        3: ("watermark", 'row 3: watermark: must be true/false, 1/0 or yes/no (given: "maybe")'),
         4: ("cfg_scal", "row 4: cfg_scal: unknown field"),
         5: ("video_id", "row 5: video_id: is required"),
         6: (None, "row 6: has 6 cells but the header names 5 columns"),
@@ -503,7 +503,12 @@ def test_batch_download(invoke: Invoke, kling_env: Simulator, tmp_path: Path) ->
     for result_line in (r for n, r in rows.items() if n != 5):
         path = Path(result_line["file"])
         assert path.parent == target.resolve()
-        assert path.name == result_line["task"]["task_result"]["videos"][0]["id"] + ".mp4"
+        row, video = result_line["row"], result_line["task"]["task_info"]["parent_video"]["id"]
+        external = result_line["task"]["task_info"]["external_task_id"]
+        assert path.name == (
+            f"{row}-cat-and-butterfly-001.mp4" if row == 3 else f"{row}-{video}.mp4"
+        )
+        assert external
         assert path.stat().st_size == kling_env.file_size
     assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in files)
 
@@ -684,7 +689,7 @@ def test_live_displays_on_a_terminal(
     shown = ANSI.sub("", terminal.getvalue())
     assert "8/8" in shown
     assert "7 ok" in shown
-    assert "row 5: failed: cfg_scale" in shown
+    assert "row 5" in shown and "cfg_scale: must be a number from 0 to 1 (given: 1.5)" in shown
     assert "batch done: 7 ok, 1 failed" in shown
     task = lines(result.stdout)[-1]["task"]
     assert invoke("wait", task["task_id"], *FAST).exit_code == 0
@@ -704,7 +709,10 @@ def test_simulate_serves_until_interrupted(invoke: Invoke, monkeypatch: pytest.M
     )
     try:
         assert server.stdout is not None
-        exported = dict(server.stdout.readline().strip().split("=", 1) for _ in range(2))
+        first = server.stdout.readline().strip()
+        assert first.startswith("export KLING_BASE_URL=")
+        assert "KLING_API_KEY=" in first
+        exported = dict(pair.split("=", 1) for pair in first.removeprefix("export ").split())
         assert set(exported) == {"KLING_BASE_URL", "KLING_API_KEY"}
         for name, value in exported.items():
             monkeypatch.setenv(name, value)
@@ -746,3 +754,14 @@ def test_readme_sample_batch_runs_against_the_built_in_simulator(
     assert len(files) == 8
     assert all(Path(row["file"]).exists() for row in rows.values())
     assert "built-in simulator" in result.stderr
+
+
+def test_batch_with_a_wrong_key_stops_at_the_first_request_and_exits_2(
+    invoke: Invoke, kling_env: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KLING_API_KEY", f"sk-wrong-{uuid.uuid4().hex}")
+    result = invoke("batch", EXAMPLES / "batch.jsonl", *FAST)
+    assert result.exit_code == 2
+    assert "KLING_API_KEY" in result.stderr
+    assert kling_env.counters.requests == 1
+    assert kling_env.counters.tasks_created == 0

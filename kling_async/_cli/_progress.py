@@ -1,7 +1,8 @@
 """Progress on stderr: live rich displays on a terminal, plain lines otherwise.
 
-Nothing here writes to stdout, which carries results: a batch's live display prints
-result lines above itself only when stdout is the same terminal.
+Nothing here writes to stdout, which carries results. A batch's live display lists the
+rows in flight with their state under a progress bar, and prints finished rows above
+itself (all of them when stdout is the same terminal, else only the failures).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from types import TracebackType
 
 import attrs
 import click
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -25,8 +27,11 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.table import Table
+from rich.text import Text
 
-from kling_async._models import BatchProgress, Task
+from kling_async import BatchProgress, Task
+from kling_async._cli._rows_out import STATUS_WIDTH, VIDEO_WIDTH, RowOutcome
 
 
 def stderr_console() -> Console:
@@ -38,27 +43,16 @@ def _status(task: Task) -> str:
     return task.raw_status or task.status.value
 
 
-@attrs.frozen
-class RowOutcome:
-    """One finished batch row, as the progress display reports it."""
-
-    row: int
-    ok: bool
-    task_id: str | None = None
-    status: str | None = None
-    problem: str | None = None
-    file: str | None = None
-
-    def describe(self) -> str:
-        """``row 3: ok, task 8280... succeed`` or ``row 5: failed: cfg_scale: ...``."""
-        if not self.ok:
-            return f"row {self.row}: failed: {self.problem}"
-        text = f"row {self.row}: ok, task {self.task_id} {self.status}"
-        return f"{text}, saved {self.file}" if self.file else text
+#: The most rows in flight the live display lists (the rest are counted).
+_SHOWN_IN_FLIGHT = 10
 
 
 class BatchDisplay:
-    """Plain progress: one line on stderr per finished row, and a summary at the end."""
+    """Plain progress: one line on stderr per finished row, and a summary at the end.
+
+    Rows in flight pass through `row_state` (queued, submitted, processing,
+    downloading); the plain display ignores those, the live one lists them.
+    """
 
     def __init__(self, total: int | None) -> None:
         self.total = total
@@ -82,6 +76,9 @@ class BatchDisplay:
         """Take the batch's latest counters (`extend_many`'s ``on_progress``)."""
         self.running = progress.running
 
+    def row_state(self, row: int, state: str, video_id: str | None = None) -> None:
+        """A row in flight is now in `state` (shown by the live display only)."""
+
     def row_done(self, outcome: RowOutcome) -> None:
         """Count a finished row and report it."""
         if outcome.ok:
@@ -104,15 +101,31 @@ class BatchDisplay:
         click.echo(self.summary(), err=True)
 
 
-class LiveBatchDisplay(BatchDisplay):
-    """A live rich progress bar with ok, failed and running counts; failures print above."""
+@attrs.define
+class _InFlight:
+    state: str
+    video_id: str | None
+    since: float
 
-    def __init__(self, total: int | None, console: Console) -> None:
+
+class LiveBatchDisplay(BatchDisplay):
+    """A live rich display: finished rows print above a bar and the rows in flight.
+
+    Args:
+        total: rows in the input, when known.
+        console: the terminal (stderr).
+        rows: whether finished rows are printed here (stdout is the same terminal and
+            carries no JSON), or only failures (the rows go to stdout as JSON lines).
+    """
+
+    def __init__(self, total: int | None, console: Console, *, rows: bool = True) -> None:
         super().__init__(total)
         self._console = console
+        self._print_rows = rows
+        self._in_flight: dict[int, _InFlight] = {}
         self._progress = Progress(
             TextColumn("[bold]batch"),
-            BarColumn(),
+            BarColumn(bar_width=30),
             MofNCompleteColumn(),
             TextColumn(
                 "[green]{task.fields[ok]} ok[/] [red]{task.fields[failed]} failed[/] "
@@ -120,20 +133,22 @@ class LiveBatchDisplay(BatchDisplay):
             ),
             TimeElapsedColumn(),
             console=console,
-            # Result lines for a terminal go through `print_above`; stdout to a file or
-            # a pipe must stay exactly as written.
+        )
+        self._live = Live(
+            console=console,
+            # Redrawn on every change (and by the refresh thread: elapsed times tick).
+            get_renderable=self._renderable,
+            refresh_per_second=4,
+            # stdout to a file or a pipe must stay exactly as written.
             redirect_stdout=False,
             redirect_stderr=True,
+            transient=False,
         )
         self._task: TaskID | None = None
 
-    def print_above(self, line: str) -> None:
-        """Print a line above the live display, as it is (no markup, no wrapping)."""
-        self._progress.console.print(line, markup=False, highlight=False, soft_wrap=True, end="")
-
     def __enter__(self) -> LiveBatchDisplay:
-        self._progress.start()
         self._task = self._progress.add_task("batch", total=self.total, ok=0, failed=0, running=0)
+        self._live.start()
         return self
 
     def __exit__(
@@ -142,8 +157,35 @@ class LiveBatchDisplay(BatchDisplay):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._in_flight.clear()
         self._refresh()
-        self._progress.stop()
+        self._live.stop()
+
+    def _renderable(self) -> RenderableType:
+        if not self._in_flight:
+            return self._progress
+        now = time.monotonic()
+        table = Table.grid(padding=(0, 1))
+        table.add_column(width=1)
+        table.add_column(width=8, no_wrap=True)
+        table.add_column(width=STATUS_WIDTH, no_wrap=True)
+        table.add_column(width=VIDEO_WIDTH, no_wrap=True, overflow="ellipsis")
+        table.add_column(width=6, no_wrap=True, justify="right")
+        shown = sorted(self._in_flight.items())[:_SHOWN_IN_FLIGHT]
+        for row, flight in shown:
+            table.add_row(
+                Text("·", style="dim"),
+                Text(f"row {row}"),
+                Text(flight.state, style=_STATE_STYLES.get(flight.state, "")),
+                Text(flight.video_id or "", style="dim"),
+                Text(f"{now - flight.since:.0f} s", style="dim"),
+            )
+        hidden = len(self._in_flight) - len(shown)
+        parts: list[RenderableType] = [table]
+        if hidden > 0:
+            parts.append(Text(f"  … and {hidden} more in flight", style="dim"))
+        parts.append(self._progress)
+        return Group(*parts)
 
     def _refresh(self) -> None:
         if self._task is not None:
@@ -160,21 +202,40 @@ class LiveBatchDisplay(BatchDisplay):
         super().update(progress)
         self._refresh()
 
+    def row_state(self, row: int, state: str, video_id: str | None = None) -> None:
+        """List a row in flight with its state (and how long it has been in it)."""
+        previous = self._in_flight.get(row)
+        if previous is not None and previous.state == state:
+            return
+        video = video_id or (previous.video_id if previous is not None else None)
+        self._in_flight[row] = _InFlight(state, video, time.monotonic())
+
     def _show_row(self, outcome: RowOutcome) -> None:
-        if not outcome.ok:
-            self._progress.console.print(outcome.describe(), markup=False, style="red")
+        self._in_flight.pop(outcome.row, None)
         self._refresh()
+        # Redraw first, so that the live part's height is the one printing moves over.
+        self._live.refresh()
+        if self._print_rows or not outcome.ok:
+            self._console.print(outcome.render())
 
     def finish(self) -> None:
         """Print the summary line below the bar."""
-        self._console.print(self.summary(), markup=False)
+        self._console.print(self.summary(), markup=False, style="bold")
 
 
-def batch_display(total: int | None) -> BatchDisplay:
-    """A live display on a terminal, plain lines otherwise."""
+_STATE_STYLES = {
+    "queued": "dim",
+    "submitted": "yellow",
+    "processing": "cyan",
+    "downloading": "magenta",
+}
+
+
+def batch_display(total: int | None, *, rows: bool) -> BatchDisplay:
+    """A live display on a terminal (printing finished rows if `rows`), plain lines else."""
     console = stderr_console()
     if console.is_terminal:
-        return LiveBatchDisplay(total, console)
+        return LiveBatchDisplay(total, console, rows=rows)
     return BatchDisplay(total)
 
 

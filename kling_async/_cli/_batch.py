@@ -1,13 +1,16 @@
-"""The ``batch`` command: many extensions from JSONL or CSV, one JSON result line per row.
+"""The ``batch`` command: many extensions from JSONL or CSV, one result per row.
 
 Rows are read lazily and only valid ones reach `KlingClient.extend_many`; a bad row
-becomes an error line at once and sends nothing. Each result line,
+becomes an error result at once and sends nothing. The first row sent goes alone, so a
+wrong key or an empty account stops the batch after one request, not one per row.
+On a terminal each finished row is a readable line; to a file or a pipe (or with
+``--json``) it is a JSON line,
 
 ```
-{"row": 3, "ok": true, "task": {...}, "error": null, "file": "downloads/8280.mp4"}
+{"row": 3, "ok": true, "task": {...}, "error": null, "file": "downloads/3-v3.mp4"}
 ```
 
-is written and flushed as soon as its row finishes (completion order), so a crash loses
+written and flushed as soon as its row finishes (completion order), so a crash loses
 nothing already reported, and ``--journal`` lets a rerun pick up where it stopped.
 """
 
@@ -16,14 +19,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import re
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 import click
 
-from kling_async._cli_batch_input import (
+from kling_async import BatchProgress, BatchResult, ExtendRequest, KlingClient, Task
+from kling_async._batch import extend_many
+from kling_async._cli._progress import BatchDisplay, LiveBatchDisplay, batch_display
+from kling_async._cli._rows_in import (
     FORMATS,
     BadRow,
     InputError,
@@ -33,9 +40,14 @@ from kling_async._cli_batch_input import (
     read_csv,
     read_jsonl,
 )
-from kling_async._cli_output import JsonLinesWriter, error_document, task_document
-from kling_async._cli_progress import BatchDisplay, LiveBatchDisplay, RowOutcome, batch_display
-from kling_async._cli_runtime import (
+from kling_async._cli._rows_out import (
+    JsonLinesWriter,
+    ReadableRows,
+    RowOutcome,
+    error_document,
+    task_document,
+)
+from kling_async._cli._runtime import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
@@ -46,10 +58,25 @@ from kling_async._cli_runtime import (
     report,
     run_with_client,
 )
-from kling_async._client import KlingClient
 from kling_async._deadlines import within
-from kling_async._models import BatchResult, ExtendRequest, Task
-from kling_async.errors import KlingError
+from kling_async.errors import AuthenticationError, KlingError, TaskFailedError
+
+#: How a saved video is named (``--name-by``).
+NAMINGS: Final = ("row", "video", "external-id")
+#: Characters kept in a file name made from an id (others become "_").
+_UNSAFE_NAME: Final = re.compile(r"[^\w.-]")
+
+
+def file_name(row: int, task: Task, request: ExtendRequest, naming: str, width: int) -> str:
+    """The name a row's video is saved under (``--name-by``)."""
+    if naming == "video":
+        key = task.videos[0].id
+    elif naming == "external-id":
+        key = task.external_task_id or request.external_task_id or task.task_id
+    else:
+        key = f"{row:0{width}d}-{request.external_task_id or request.video_id}"
+    name = _UNSAFE_NAME.sub("_", key)[:120]
+    return ("_" + name[1:] if name.startswith(".") else name) + ".mp4"
 
 
 class BatchRun:
@@ -58,11 +85,14 @@ class BatchRun:
     Args:
         client: the client to use.
         rows: the input's rows, read lazily.
-        writer: where result lines go.
+        writer: where JSON result lines go (None: not written).
+        readable: where readable rows go on stdout (None: not printed there).
         display: progress on stderr.
         concurrency: the most rows in flight (and downloads running) at once.
         journal: `extend_many`'s journal file.
         download_dir: save each succeeded video here, if given.
+        naming: how saved videos are named (one of `NAMINGS`).
+        total: rows in the input, when known (pads the row numbers in file names).
         wait: False to finish rows once their task is created.
     """
 
@@ -71,26 +101,36 @@ class BatchRun:
         client: KlingClient,
         rows: Iterator[Row],
         *,
-        writer: JsonLinesWriter,
+        writer: JsonLinesWriter | None,
+        readable: ReadableRows | None = None,
         display: BatchDisplay,
         concurrency: int | None = None,
         journal: Path | None = None,
         download_dir: Path | None = None,
+        naming: str = "row",
+        total: int | None = None,
         wait: bool = True,
     ) -> None:
         self._client = client
         self._rows = rows
         self._writer = writer
+        self._readable = readable
         self._display = display
         self._concurrency = concurrency or client.max_in_flight
         self._journal = journal
         self._download_dir = download_dir
+        self._naming = naming
+        self._width = len(str(total)) if total else 1
         self._wait = wait
         #: `extend_many` index -> row number, for rows in flight.
         self._row_of_index: dict[int, int] = {}
+        #: Row number -> the row's request as read (before the batch adds ids), in flight.
+        self._request_of_row: dict[int, ExtendRequest] = {}
         #: Rows read and sent on, without a result line yet (with the last task seen).
         self._unfinished: dict[int, Task | None] = {}
         self._downloads: set[asyncio.Task[None]] = set()
+        #: Set once the first row sent has an answer: the other rows wait for it.
+        self._first_answer = asyncio.Event()
         self.failed = 0
 
     async def run(self, timeout: float | None = None) -> int:
@@ -98,6 +138,7 @@ class BatchRun:
 
         Raises:
             CommandError: the input could not be read (exit code 2).
+            AuthenticationError: the service refused the credentials (at the first row).
         """
         try:
             try:
@@ -109,32 +150,56 @@ class BatchRun:
             raise CommandError(f"cannot read the input: {error}", EXIT_USAGE) from None
         return EXIT_FAILED if self.failed else EXIT_OK
 
-    def _requests(self) -> Iterator[ExtendRequest]:
+    def _row_status(self, index: int, task: Task) -> None:
+        row = self._row_of_index.get(index)
+        if row is not None:
+            self._display.row_state(row, task.raw_status or task.status.value)
+
+    async def _requests(self) -> AsyncIterator[ExtendRequest]:
         index = 0
         for row in self._rows:
             if isinstance(row, BadRow):
                 self._emit(row.number, error=row.error_document(), problem=row.problem)
                 continue
+            if index == 1:
+                # The first row goes alone: a wrong key or an empty account then costs
+                # one request, not one per row.
+                await self._first_answer.wait()
             self._row_of_index[index] = row.number
             self._unfinished[row.number] = None
+            self._request_of_row[row.number] = row.request
+            self._display.row_state(row.number, "queued", row.request.video_id)
             index += 1
             yield row.request
 
+    def _progress(self, progress: BatchProgress) -> None:
+        if progress.submitted or progress.failed or progress.succeeded:
+            self._first_answer.set()
+        self._display.update(progress)
+
     async def _consume(self) -> None:
         slots = asyncio.Semaphore(self._concurrency)
-        results = self._client.extend_many(
+        # The batch runner itself (not `KlingClient.extend_many`): the display follows
+        # each row's task status through its per-item `on_update`.
+        results = extend_many(
+            self._client._tasks,
             self._requests(),
             concurrency=self._concurrency,
             wait=self._wait,
             journal=self._journal,
-            on_progress=self._display.update,
+            on_progress=self._progress,
+            on_update=self._row_status,
         )
         try:
             async with contextlib.aclosing(results):
                 async for result in results:
+                    self._first_answer.set()
+                    if isinstance(result.error, AuthenticationError):
+                        raise result.error  # no other row can do better: stop at once
                     row = self._row_of_index.pop(result.index)
                     if result.ok and self._download_dir is not None:
                         self._unfinished[row] = result.task
+                        self._display.row_state(row, "downloading")
                         await slots.acquire()
                         download = asyncio.ensure_future(self._download(row, result, slots))
                         self._downloads.add(download)
@@ -151,9 +216,14 @@ class BatchRun:
     async def _download(self, row: int, result: BatchResult, slots: asyncio.Semaphore) -> None:
         assert result.task is not None
         assert self._download_dir is not None
+        request = self._request_of_row.get(row, result.request)
+        name = file_name(row, result.task, request, self._naming, self._width)
+        target = self._download_dir / name
         try:
             try:
-                path = await self._client.download(result.task, self._download_dir)
+                if target.is_dir():  # `download` would save inside it: not what was asked
+                    raise IsADirectoryError(21, "a directory is in the way", str(target))
+                path = await self._client.download(result.task, target)
             except FileExistsError as error:
                 path = Path(error.filename)
                 if not path.is_file():
@@ -172,11 +242,15 @@ class BatchRun:
         self._emit(row, task=task, error=document, problem=f"download failed: {error}")
 
     def _emit_result(self, row: int, result: BatchResult) -> None:
-        if result.error is not None:
-            document = error_document(result.error, row=row)
-            self._emit(row, task=result.task, error=document, problem=str(result.error))
-        else:
+        if result.error is None:
             self._emit(row, task=result.task)
+            return
+        document = error_document(result.error, row=row)
+        problem = str(result.error)
+        if isinstance(result.error, TaskFailedError):
+            message = result.task.status_message if result.task is not None else None
+            problem = f"the task failed: {message or 'no reason given'}"
+        self._emit(row, task=result.task, error=document, problem=problem)
 
     def _emit(
         self,
@@ -188,28 +262,37 @@ class BatchRun:
         file: Path | None = None,
     ) -> None:
         ok = error is None and task is not None
-        self._writer.write(
-            {
-                "row": row,
-                "ok": ok,
-                "task": task_document(task) if task is not None else None,
-                "error": error,
-                "file": str(file) if file is not None else None,
-            }
-        )
+        if self._writer is not None:
+            self._writer.write(
+                {
+                    "row": row,
+                    "ok": ok,
+                    "task": task_document(task) if task is not None else None,
+                    "error": error,
+                    "file": str(file) if file is not None else None,
+                }
+            )
         self._unfinished.pop(row, None)
+        self._request_of_row.pop(row, None)
         if not ok:
             self.failed += 1
-        self._display.row_done(
-            RowOutcome(
-                row=row,
-                ok=ok,
-                task_id=task.task_id if task is not None else None,
-                status=(task.raw_status or task.status.value) if task is not None else None,
-                problem=problem,
-                file=str(file) if file is not None else None,
-            )
+        video = task.videos[0] if task is not None and task.videos else None
+        if task is not None:
+            status = task.raw_status or task.status.value
+        else:
+            status = "invalid" if error is not None and "field" in error else "error"
+        outcome = RowOutcome(
+            row=row,
+            ok=ok,
+            status=status,
+            video_id=video.id if video is not None else None,
+            duration=video.duration if video is not None else None,
+            problem=problem,
+            file=_shown_path(file) if file is not None else None,
         )
+        if self._readable is not None:
+            self._readable.write(outcome)
+        self._display.row_done(outcome)
 
     def _time_out(self, timeout: float) -> None:
         """Report every row without a result line yet, read or not, as timed out."""
@@ -228,6 +311,14 @@ class BatchRun:
             problem = f"not started: {reason} first"
             error = {"type": "WaitTimeoutError", "message": f"row {rest.number}: {problem}"}
             self._emit(rest.number, error=error, problem=problem)
+
+
+def _shown_path(path: Path) -> str:
+    """`path` relative to the working directory when it is below it (shorter to read)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _open_rows(stack: contextlib.ExitStack, path: str, fmt: str) -> Iterator[Row]:
@@ -261,7 +352,14 @@ def open_binary(path: str) -> IO[bytes]:
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
     metavar="FILE",
-    help="Write the result lines to FILE (replaced) instead of stdout.",
+    help="Write the JSON result lines to FILE (replaced) instead of stdout.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="JSON result lines on stdout even when it is a terminal (they always are when "
+    "stdout is a file or a pipe).",
 )
 @click.option(
     "--concurrency",
@@ -282,8 +380,17 @@ def open_binary(path: str) -> IO[bytes]:
     "download_dir",
     type=click.Path(file_okay=False, path_type=Path),
     metavar="DIR",
-    help="Save each succeeded video into DIR (created if missing) as <video id>.mp4; "
-    'its path goes in the result line\'s "file".',
+    help="Save each succeeded video into DIR (created if missing), named as --name-by "
+    'says; its path goes in the result line\'s "file".',
+)
+@click.option(
+    "--name-by",
+    "naming",
+    type=click.Choice(NAMINGS),
+    default="row",
+    show_default=True,
+    help="Name saved videos <row>-<the row's external_task_id, else its video_id>.mp4 "
+    "(row), <result video id>.mp4 (video), or <external_task_id>.mp4 (external-id).",
 )
 @click.option(
     "--no-wait",
@@ -302,9 +409,11 @@ def batch(
     input_path: str,
     format_name: str | None,
     out: Path | None,
+    as_json: bool,
     concurrency: int | None,
     journal: Path | None,
     download_dir: Path | None,
+    naming: str,
     no_wait: bool,
     timeout: float | None,
     client: ClientOptions,
@@ -316,16 +425,23 @@ def batch(
     watermark (CSV: true/false, 1/0, yes/no) and parent_task_id. A JSON null or an empty
     CSV cell means "not given"; an unknown field makes the row bad.
 
-    Prints one JSON line per row, in the order rows finish:
+    Reports each row as it finishes. On a terminal: a readable line (row, status,
+    video id, duration, saved file, or the error), under a live display of the rows in
+    flight. To a file or a pipe, or with --json: one JSON line per row,
     {"row": N, "ok": ..., "task": {...}, "error": {...} or null, "file": ... or null}.
-    A bad row gets an error line naming the row, the field and the rule, sends nothing,
-    and the batch goes on. Progress goes to stderr.
+    A bad row is reported naming the row, the field, the rule and the value given,
+    sends nothing, and the batch goes on. Progress goes to stderr.
 
-    Exits 0 when every row succeeded, 1 when any failed, 2 on a usage problem.
+    With --simulate and --journal, the simulator keeps its tasks in PATH.sim-state.json,
+    so Ctrl-C and the same command again finish every row, as with Kling.
+
+    Exits 0 when every row succeeded, 1 when any failed, 2 on a usage problem or when
+    the service refuses the credentials (the batch stops at the first row).
 
     \b
-    Example:
-      kling-async batch examples/batch.jsonl --download downloads/ --out results.jsonl
+    Examples:
+      kling-async batch examples/batch.jsonl --simulate --download downloads/
+      kling-async batch rows.csv --journal rows.journal --download downloads/ --out results.jsonl
     """
     if no_wait and download_dir is not None:
         raise click.UsageError("--download needs finished videos: it cannot go with --no-wait")
@@ -345,20 +461,26 @@ def batch(
             report(str(error))
             click.get_current_context().exit(EXIT_USAGE)
         total = count_rows(Path(input_path), fmt) if input_path != "-" else None
-        display = batch_display(total)
-        echo = None
-        if output is None and isinstance(display, LiveBatchDisplay) and sys.stdout.isatty():
-            echo = display.print_above
+        # JSON lines to a file or a pipe (or when asked); readable rows on a terminal.
+        readable_rows = output is None and not as_json and sys.stdout.isatty()
+        display = batch_display(total, rows=readable_rows)
+        writer = None if readable_rows else JsonLinesWriter(output)
+        readable = None
+        if readable_rows and not isinstance(display, LiveBatchDisplay):
+            readable = ReadableRows()  # stderr is not the terminal: rows go to stdout
 
         async def body(kling: KlingClient) -> int:
             run = BatchRun(
                 kling,
                 rows,
-                writer=JsonLinesWriter(output, echo=echo),
+                writer=writer,
+                readable=readable,
                 display=display,
                 concurrency=concurrency,
                 journal=journal,
                 download_dir=download_dir,
+                naming=naming,
+                total=total,
                 wait=not no_wait,
             )
             with display:
@@ -366,5 +488,6 @@ def batch(
             display.finish()
             return code
 
-        code = run_with_client(client, body)
+        state = journal.with_name(journal.name + ".sim-state.json") if journal else None
+        code = run_with_client(client, body, simulator_state=state)
     click.get_current_context().exit(code)

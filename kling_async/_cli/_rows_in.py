@@ -11,6 +11,7 @@ Rows are numbered from 1: JSONL by line, CSV by record after the header.
 from __future__ import annotations
 
 import csv
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, Final, TypeAlias
@@ -31,6 +32,28 @@ _BOM: Final = b"\xef\xbb\xbf"
 _JSON_TYPES: Final = {list: "an array", str: "a string", int: "a number", float: "a number"}
 
 
+#: Longest text of a given value in a message (the rest is cut, with "…").
+_SHOWN_LENGTH: Final = 40
+_NOT_GIVEN: Final = object()
+#: ``user:password@`` in a URL: never shown.
+_USERINFO: Final = re.compile(r"(?<=//)[^/@\s]*@")
+
+
+def shown_value(value: Any) -> str:
+    """A row's value as a message shows it: as JSON, shortened, with no URL password.
+
+    Credentials from the environment are scrubbed later, with every message printed.
+    """
+    try:
+        text = orjson.dumps(value).decode()
+    except TypeError:
+        text = repr(value)
+    text = _USERINFO.sub("***@", text)
+    if len(text) > _SHOWN_LENGTH:
+        text = text[: _SHOWN_LENGTH - 1] + "…"
+    return text
+
+
 class InputError(Exception):
     """The input as a whole cannot be read (not just one bad row)."""
 
@@ -45,12 +68,20 @@ class GoodRow:
 
 @attrs.frozen
 class BadRow:
-    """A row that cannot be sent: `problem` says why (``field: rule (got type)``)."""
+    """A row that cannot be sent: `problem` says why (``field: rule (given: value)``)."""
 
     number: int
     problem: str
     field: str | None = None
     rule: str | None = None
+
+    @classmethod
+    def invalid(cls, number: int, error: ValidationError, given: Any = _NOT_GIVEN) -> BadRow:
+        """A row whose field `error` names broke its rule; `given` is the row's own value."""
+        problem = f"{error.field}: {error.rule}"
+        if given is not _NOT_GIVEN:
+            problem += f" (given: {shown_value(given)})"
+        return cls(number, problem, error.field, error.rule)
 
     @property
     def message(self) -> str:
@@ -99,7 +130,7 @@ def to_row(number: int, values: Mapping[str, Any]) -> Row:
     try:
         request = request_from_fields(values)
     except ValidationError as error:
-        return BadRow(number, str(error), error.field, error.rule)
+        return BadRow.invalid(number, error, values.get(error.field, _NOT_GIVEN))
     return GoodRow(number, request)
 
 
@@ -107,12 +138,16 @@ def read_jsonl(stream: IO[bytes]) -> Iterator[Row]:
     """Rows of a JSON Lines stream (blank lines skipped; each line one object)."""
     for number, raw in enumerate(stream, 1):
         line = raw[len(_BOM) :] if number == 1 and raw.startswith(_BOM) else raw
+        # Without its line ending, so that orjson's position is a column of this line
+        # (with it, a line cut short reads as an error at "line 2 column 1").
+        line = line.rstrip(b"\r\n")
         if not line.strip():
             continue
         try:
             value = orjson.loads(line)
         except orjson.JSONDecodeError as error:
-            yield BadRow(number, f"not valid JSON ({error})")
+            where = f"line {number}, column {error.colno}"
+            yield BadRow(number, f"not valid JSON: {error.msg} ({where})")
             continue
         if not isinstance(value, dict):
             kind = "null" if value is None else _JSON_TYPES.get(type(value), "true or false")
@@ -126,14 +161,14 @@ def _csv_value(name: str, cell: str) -> Any:
         try:
             return float(cell)
         except ValueError:
-            raise ValidationError(name, "must be a number from 0 to 1", cell) from None
+            raise ValidationError(name, "must be a number from 0 to 1") from None
     if name == "watermark":
         word = cell.lower()
         if word in _TRUE:
             return True
         if word in _FALSE:
             return False
-        raise ValidationError(name, "must be true/false, 1/0 or yes/no", cell)
+        raise ValidationError(name, "must be true/false, 1/0 or yes/no")
     return cell
 
 
@@ -182,7 +217,7 @@ def _csv_rows(reader: Any, header: list[str]) -> Iterator[Row]:
                 if cell
             }
         except ValidationError as error:
-            yield BadRow(number, str(error), error.field, error.rule)
+            yield BadRow.invalid(number, error, stripped[header.index(error.field)])
             continue
         yield to_row(number, values)
 

@@ -16,6 +16,7 @@ import functools
 import os
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any, Final
 
 import attrs
@@ -43,6 +44,10 @@ SIMULATE_MODES: Final = ("always", "auto", "never")
 #: Timing of the built-in simulator's tasks: a few seconds each, like a quick real task.
 SIMULATOR_SUBMIT_TIME: Final = 0.5
 SIMULATOR_PROCESSING_TIME: Final = 2.5
+#: Each task's times vary by up to this fraction either way, as Kling's do.
+SIMULATOR_TIME_SPREAD: Final = 0.8
+#: How often the built-in simulator's tasks are polled (unless --poll-interval).
+SIMULATOR_POLL: Final = PollPolicy(initial=0.5, factor=1.3, max_interval=1.5)
 
 _NO_CREDENTIALS: Final = (
     "no credentials: set KLING_API_KEY (a gateway's key), or KLING_ACCESS_KEY and "
@@ -208,8 +213,19 @@ def use_simulator(options: ClientOptions) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def open_client(options: ClientOptions, *, simulated: bool) -> AsyncIterator[KlingClient]:
-    """A `KlingClient` for the real API, or for a simulator served while it is open."""
+async def open_client(
+    options: ClientOptions,
+    *,
+    simulated: bool,
+    simulator_state: Path | None = None,
+) -> AsyncIterator[KlingClient]:
+    """A `KlingClient` for the real API, or for a simulator served while it is open.
+
+    Args:
+        options: the command's client options.
+        simulated: serve a simulator in-process and talk to it.
+        simulator_state: where the simulator keeps its tasks across runs, if anywhere.
+    """
     settings: dict[str, Any] = {
         "max_in_flight": options.max_in_flight,
         "timeout": options.request_timeout,
@@ -221,6 +237,10 @@ async def open_client(options: ClientOptions, *, simulated: bool) -> AsyncIterat
         return
     from kling_async.testing import Simulator  # aiohttp.web: only when it is needed
 
+    if options.poll_interval is None:
+        # The simulator's tasks take seconds, not minutes: look as often as it is worth.
+        settings["poll"] = SIMULATOR_POLL
+
     simulator = Simulator(
         # A throwaway key: real credentials in the environment never reach the simulator.
         api_key=secrets.token_urlsafe(16),
@@ -228,6 +248,8 @@ async def open_client(options: ClientOptions, *, simulated: bool) -> AsyncIterat
         secret_key=None,
         submit_time=SIMULATOR_SUBMIT_TIME,
         processing_time=SIMULATOR_PROCESSING_TIME,
+        time_spread=SIMULATOR_TIME_SPREAD,
+        state_path=simulator_state,
     )
     async with (
         simulator,
@@ -236,8 +258,16 @@ async def open_client(options: ClientOptions, *, simulated: bool) -> AsyncIterat
         yield client
 
 
-def run_with_client(options: ClientOptions, body: Callable[[KlingClient], Awaitable[int]]) -> int:
-    """Run `body` with a client for the chosen backend; return the exit code."""
+def run_with_client(
+    options: ClientOptions,
+    body: Callable[[KlingClient], Awaitable[int]],
+    *,
+    simulator_state: Path | None = None,
+) -> int:
+    """Run `body` with a client for the chosen backend; return the exit code.
+
+    `simulator_state` is passed on to `open_client`.
+    """
     try:
         simulated = use_simulator(options)
     except CommandError as error:
@@ -245,7 +275,11 @@ def run_with_client(options: ClientOptions, body: Callable[[KlingClient], Awaita
         return error.exit_code
 
     async def main() -> int:
-        async with open_client(options, simulated=simulated) as client:
+        async with open_client(
+            options,
+            simulated=simulated,
+            simulator_state=simulator_state,
+        ) as client:
             return await body(client)
 
     return run_async(main)
@@ -276,7 +310,7 @@ def run_async(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
         report(str(error))
         return EXIT_FAILED
     except KeyboardInterrupt:
-        report("interrupted")
+        click.echo("interrupted", err=True)
         return EXIT_INTERRUPTED
 
 

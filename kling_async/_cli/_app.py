@@ -1,7 +1,7 @@
 """The ``kling-async`` command group and its single-task commands.
 
 ``extend``, ``status``, ``wait``, ``list`` and ``download`` work on one task (or one
-page of them); ``batch`` lives in `kling_async._cli_batch`; ``simulate`` serves the
+page of them); ``batch`` lives in `kling_async._cli._batch`; ``simulate`` serves the
 simulator in the foreground.
 """
 
@@ -14,10 +14,16 @@ from typing import Any, TypeVar
 import click
 
 from kling_async import __version__
-from kling_async._cli_batch import batch
-from kling_async._cli_output import print_json, print_task, print_task_table, saved, task_document
-from kling_async._cli_progress import download_display, task_status_display
-from kling_async._cli_runtime import (
+from kling_async._cli._batch import batch
+from kling_async._cli._progress import download_display, task_status_display
+from kling_async._cli._rows_out import (
+    print_json,
+    print_task,
+    print_task_table,
+    saved,
+    task_document,
+)
+from kling_async._cli._runtime import (
     EXIT_FAILED,
     EXIT_OK,
     CliCommand,
@@ -72,9 +78,9 @@ def cli() -> None:
     \b
     Examples:
       kling-async extend 828006748715380777 "make the waves roll in" --wait
-      kling-async status 828006748715380777 --json
+      kling-async status 842250903629086785 --json   (a task id, as extend prints)
       kling-async batch examples/batch.jsonl --download downloads/
-      kling-async batch examples/batch.jsonl --simulate=auto --download downloads/
+      kling-async batch examples/batch.jsonl --simulate --download downloads/
     """
 
 
@@ -288,8 +294,9 @@ def download(task_id: str, dest: Path, overwrite: bool, client: ClientOptions) -
 def simulate(host: str, port: int, processing_time: float, failure_rate: float) -> None:
     """Serve a simulator of Kling's video-extend API until Ctrl-C.
 
-    Prints KLING_BASE_URL=... and KLING_API_KEY=... lines: export them (the key is the
-    simulator's own, not a secret) and every command talks to the simulator.
+    Prints an "export KLING_BASE_URL=... KLING_API_KEY=..." line: paste it into your
+    shell (the key is the simulator's own, not a secret) and every command talks to
+    the simulator.
 
     \b
     Example:
@@ -300,8 +307,8 @@ def simulate(host: str, port: int, processing_time: float, failure_rate: float) 
     from kling_async.testing import Simulator
 
     def announce(simulator: Simulator) -> None:
-        click.echo(f"KLING_BASE_URL={simulator.base_url}")
-        click.echo(f"KLING_API_KEY={simulator.api_key}")
+        # One line a shell can run as it is: pasted, every command talks to the simulator.
+        click.echo(f"export KLING_BASE_URL={simulator.base_url} KLING_API_KEY={simulator.api_key}")
         click.echo("Serving the simulator; press Ctrl-C to stop.", err=True)
 
     async def serve() -> int:

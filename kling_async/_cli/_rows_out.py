@@ -1,7 +1,9 @@
-"""What the CLI prints on stdout: tasks as the service's JSON, as text, or as a table.
+"""What the CLI prints on stdout: tasks and batch rows, as JSON lines or as text.
 
 JSON output is the task's wire shape (``converter.unstructure``), one object per line,
-so ``--json`` output reads like what ``GET /v1/videos/video-extend/{id}`` answers.
+so ``--json`` output reads like what ``GET /v1/videos/video-extend/{id}`` answers. On a
+terminal, a batch row is one readable line instead (`RowOutcome.render`): row, status,
+video id, duration and saved file, or the error.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
+import attrs
 import orjson
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from kling_async._converter import converter
 from kling_async._models import Task, TaskStatus
@@ -88,6 +92,84 @@ class JsonLinesWriter:
         else:
             self._file.write(line)
             self._file.flush()
+
+
+@attrs.frozen
+class RowOutcome:
+    """One finished batch row, as the readable output shows it.
+
+    `status` is the task's status, ``"invalid"`` for a row that was never sent, or
+    ``"error"`` for a row whose task could not be created; `problem` says what went
+    wrong (without the ``row N:`` prefix), `file` where the video was saved.
+    """
+
+    row: int
+    ok: bool
+    status: str
+    video_id: str | None = None
+    duration: float | None = None
+    problem: str | None = None
+    file: str | None = None
+
+    def describe(self) -> str:
+        """One plain line: ``row 3: succeed, video 8091... (9.4 s), saved d/3-x.mp4``."""
+        text = f"row {self.row}: {self.status}"
+        if self.video_id is not None:
+            text += f", video {self.video_id}"
+            if self.duration is not None:
+                text += f" ({self.duration:g} s)"
+        if self.file is not None:
+            text += f", saved {self.file}"
+        if self.problem is not None:
+            text += f": {self.problem}"
+        return text
+
+    def render(self) -> Table:
+        """The row as aligned columns; a long error wraps within its own column."""
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(width=1, no_wrap=True)  # mark
+        grid.add_column(width=8, no_wrap=True)  # "row 1234"
+        grid.add_column(width=STATUS_WIDTH, no_wrap=True)
+        style = "green" if self.ok else "red"
+        cells: list[Text] = [
+            Text("✓" if self.ok else "✗", style=style),
+            Text(f"row {self.row}", style="bold"),
+            Text(self.status, style=style),
+        ]
+        if self.video_id is not None:
+            grid.add_column(width=VIDEO_WIDTH, no_wrap=True, overflow="ellipsis")
+            grid.add_column(width=6, no_wrap=True, justify="right")  # duration
+            duration = f"{self.duration:.1f} s" if self.duration is not None else ""
+            cells += [Text(self.video_id), Text(duration)]
+        grid.add_column(ratio=1, overflow="fold")  # file or problem
+        detail = Text()
+        if self.file is not None:
+            detail.append(self.file)
+        if self.problem is not None:
+            detail.append(("; " if self.file else "") + self.problem, style="red")
+        grid.add_row(*cells, detail)
+        return grid
+
+
+#: Widths shared by finished rows and the live display's rows in flight.
+STATUS_WIDTH = 11
+VIDEO_WIDTH = 19
+
+
+class ReadableRows:
+    """Prints finished rows as readable lines on stdout (a terminal), then a summary."""
+
+    def __init__(self, console: Console | None = None) -> None:
+        self._console = console or stdout_console_wrapping()
+
+    def write(self, outcome: RowOutcome) -> None:
+        """Print one finished row."""
+        self._console.print(outcome.render())
+
+
+def stdout_console_wrapping() -> Console:
+    """A console on stdout that wraps to the terminal's width (for readable rows)."""
+    return Console(highlight=False)
 
 
 def error_document(

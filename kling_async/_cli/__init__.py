@@ -1,0 +1,84 @@
+"""The ``kling-async`` command: its entry point `main`, and its click group `cli`.
+
+The modules behind it, each owning one thing:
+
+- `kling_async._cli._app`: the command group and the single-task commands;
+- `kling_async._cli._batch`: the ``batch`` command;
+- `kling_async._cli._rows_in`: batch input, JSONL or CSV rows as requests or bad rows;
+- `kling_async._cli._rows_out`: what goes to stdout, JSON lines or readable text;
+- `kling_async._cli._progress`: the live displays on stderr;
+- `kling_async._cli._runtime`: client options, the built-in simulator, exit codes.
+
+`cli` is imported on first use (``from kling_async._cli import cli`` works), so that
+importing this package costs nothing beyond `kling_async` itself. The command line
+needs the ``cli`` extra (click and rich); without it, `main` says how to install it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kling_async._cli._app import cli as cli
+
+__all__ = ["cli", "main"]
+
+_EXTRA_MODULES = ("click", "rich")
+#: The exit status of a command interrupted by Ctrl-C (128 + SIGINT), as shells report it.
+_EXIT_INTERRUPTED = 130
+
+
+def __getattr__(name: str) -> Any:
+    if name == "cli":
+        from kling_async._cli._app import cli
+
+        return cli
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def main(argv: Sequence[str] | None = None, *, prog_name: str = "kling-async") -> None:
+    """Run the ``kling-async`` command with `argv` (default: the process's arguments).
+
+    Ctrl-C at any point, while the command starts up as well as while it runs, ends it
+    with one "interrupted" line on stderr and exit status 130, never a traceback.
+    """
+    try:
+        _run(argv, prog_name)
+    except KeyboardInterrupt:
+        _interrupted()
+
+
+def _run(argv: Sequence[str] | None, prog_name: str) -> None:
+    try:
+        from kling_async._cli._app import cli
+    except ImportError as error:  # pragma: no cover - only without the cli extra
+        if error.name not in _EXTRA_MODULES:
+            raise
+        print(
+            f"{prog_name} needs the cli extra ({error.name} is missing): "
+            "python3 -m pip install 'kling-async[cli]'",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name=prog_name)
+    except BrokenPipeError:  # pragma: no cover - e.g. `kling-async list --json | head -1`
+        # Python would complain again when it flushes stdout at exit: point it elsewhere.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
+
+
+def _interrupted() -> None:
+    """Say "interrupted" and exit 130, however far the start-up had got."""
+    with contextlib.suppress(OSError, ValueError):  # stdout or stderr closed or gone
+        sys.stdout.flush()  # result lines already written stay written
+        sys.stderr.write("interrupted\n")
+        sys.stderr.flush()
+    # Exit at once: a second Ctrl-C during the interpreter's own shutdown (or a thread
+    # still starting) must not print a traceback either.
+    os._exit(_EXIT_INTERRUPTED)
