@@ -43,6 +43,6 @@ def test_example_runs(
 
 def test_public_names_match_all() -> None:
     public = {name for name in dir(kling_async) if not name.startswith("_")}
-    modules = {"callbacks", "errors", "testing"}
+    modules = {"callbacks", "errors", "redis", "testing"}
     assert public - modules == set(kling_async.__all__) - {"__version__"}
     assert kling_async.__all__ == sorted(kling_async.__all__)
