@@ -9,20 +9,9 @@ async with KlingClient() as kling:
 ```
 """
 
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
-from kling_async._account import InMemoryAccount
-from kling_async._client import KlingClient
-from kling_async._models import (
-    BatchProgress,
-    BatchResult,
-    ExtendRequest,
-    PollPolicy,
-    Task,
-    TaskStatus,
-    Video,
-)
-from kling_async._types import CallbackSource, OnDownloadProgress, OnProgress, OnUpdate
 from kling_async.errors import (
     APIConnectionError,
     APIStatusError,
@@ -43,19 +32,59 @@ from kling_async.errors import (
     WaitTimeoutError,
 )
 
+if _TYPE_CHECKING:
+    from kling_async._account import InMemoryAccount
+    from kling_async._client import KlingClient
+    from kling_async._models import (
+        BatchProgress,
+        BatchResult,
+        ExtendRequest,
+        PollPolicy,
+        Task,
+        TaskStatus,
+        Video,
+    )
+    from kling_async._types import CallbackSource, OnDownloadProgress, OnProgress, OnUpdate
+
+    __version__: str
+
+# The client and models load on first use, so that `import kling_async` (and the command
+# line's start, and `kling_async.errors`) does not pay for aiohttp, attrs and backoff.
+_LAZY: dict[str, str] = {
+    "InMemoryAccount": "kling_async._account",
+    "KlingClient": "kling_async._client",
+    **dict.fromkeys(
+        ("BatchProgress", "BatchResult", "ExtendRequest", "PollPolicy", "Task", "TaskStatus"),
+        "kling_async._models",
+    ),
+    "Video": "kling_async._models",
+    **dict.fromkeys(
+        ("CallbackSource", "OnDownloadProgress", "OnProgress", "OnUpdate"), "kling_async._types"
+    ),
+}
+
 
 def __getattr__(name: str) -> _Any:
-    # importlib.metadata costs more to import than the rest of the package: only on demand.
-    if name != "__version__":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from importlib.metadata import PackageNotFoundError, version
+    module = _LAZY.get(name)
+    if module is not None:
+        import importlib
 
-    try:
-        found = version("kling-async")
-    except PackageNotFoundError:  # pragma: no cover - running from a source tree
-        found = "0.0.0"
-    globals()["__version__"] = found
-    return found
+        value = getattr(importlib.import_module(module), name)
+    elif name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value = version("kling-async")
+        except PackageNotFoundError:  # pragma: no cover - running from a source tree
+            value = "0.0.0"
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
 
 
 __all__ = [

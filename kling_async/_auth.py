@@ -11,8 +11,6 @@ import warnings
 from collections.abc import Callable
 from typing import Final, Protocol
 
-import jwt
-
 #: Lifetime of a signed token (API.md: exp = now + 1800).
 TOKEN_LIFETIME: Final = 1800
 #: Re-sign this long before a token expires, so a token never dies in flight.
@@ -84,6 +82,8 @@ class JWTAuth:
             "exp": int(now) + TOKEN_LIFETIME,
             "nbf": int(now) - NOT_BEFORE_SKEW,
         }
+        import jwt  # PyJWT costs as much to import as aiohttp: only for JWT users
+
         with warnings.catch_warnings():
             # Kling issues secret keys shorter than the 32 bytes PyJWT recommends for
             # HS256; the key is theirs, not ours to lengthen, so the warning is noise.

@@ -8,7 +8,6 @@ of the service's codes; the errors page of the documentation is generated from i
 
 from __future__ import annotations
 
-import email.utils
 import math
 import urllib.parse
 from collections.abc import Mapping
@@ -154,6 +153,8 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     try:
         seconds = float(value)
     except ValueError:
+        import email.utils  # HTTP dates are rare: not worth importing up front
+
         try:
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError, IndexError):

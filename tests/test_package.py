@@ -1,0 +1,134 @@
+"""The package's shape: public names, a lazy root, and no import cycles among its modules."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import kling_async
+
+PACKAGE = Path(kling_async.__file__).parent
+
+#: API.md, "Entry point": everything public is importable from `kling_async` itself.
+CONTRACT = {
+    "KlingClient",
+    "ExtendRequest",
+    "Task",
+    "TaskStatus",
+    "Video",
+    "BatchResult",
+    "BatchProgress",
+    "PollPolicy",
+    "InMemoryAccount",
+    "OnUpdate",
+    "OnProgress",
+    "KlingError",
+    "ConfigurationError",
+    "ValidationError",
+    "APIConnectionError",
+    "APITimeoutError",
+    "ResponseFormatError",
+    "APIStatusError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "InsufficientBalanceError",
+    "InvalidRequestError",
+    "NotFoundError",
+    "ContentPolicyError",
+    "RateLimitError",
+    "ServerError",
+    "TaskFailedError",
+    "WaitTimeoutError",
+}
+
+
+def test_every_contract_name_is_exported_and_resolves() -> None:
+    assert set(kling_async.__all__) >= CONTRACT
+    for name in kling_async.__all__:
+        assert getattr(kling_async, name) is not None
+    assert kling_async.KlingClient.__module__ == "kling_async._client"
+
+
+def test_importing_the_package_loads_no_http_stack() -> None:
+    # The command line starts (and answers Ctrl-C) before aiohttp is loaded, and
+    # `import kling_async` costs less than `import aiohttp` (docs/performance.md).
+    code = (
+        "import sys, kling_async, kling_async.errors;"
+        "print(sorted(m for m in ('aiohttp', 'attrs', 'backoff', 'jwt', 'sqlite3', 'cattrs')"
+        " if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_request_path_loads_no_batch_journal_jwt_or_cattrs() -> None:
+    code = (
+        "import sys; from kling_async import KlingClient, ExtendRequest;"
+        "KlingClient(api_key='k');"
+        "print(sorted(m for m in ('sqlite3', 'jwt', 'cattrs', 'importlib.metadata',"
+        " 'kling_async._batch', 'kling_async._journal', 'kling_async._download')"
+        " if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
+
+
+def _runtime_imports(path: Path) -> set[str]:
+    """The package modules `path` imports when it is imported (not under TYPE_CHECKING,
+    not inside functions: those run later, when the cycle cannot bite)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found: set[str] = set()
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                visit(node.orelse)
+                continue
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.startswith("kling_async"))
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                module = node.module
+                if node.level:  # a relative import inside a subpackage
+                    base = _module_name(path).rsplit(".", node.level)[0]
+                    module = f"{base}.{module}"
+                if module.startswith("kling_async"):
+                    found.add(module)
+            elif isinstance(node, (ast.If, ast.Try, ast.With)):
+                visit(node.body)
+                visit(getattr(node, "orelse", []))
+                for handler in getattr(node, "handlers", []):
+                    visit(handler.body)
+
+    visit(tree.body)
+    return found
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_import_cycles_among_the_packages_modules() -> None:
+    graph = {
+        _module_name(path): _runtime_imports(path) - {_module_name(path)}
+        for path in PACKAGE.rglob("*.py")
+    }
+    # A module imports its package first: `kling_async._cli._app` needs `kling_async._cli`.
+    cycles: list[list[str]] = []
+
+    def walk(module: str, trail: list[str]) -> None:
+        for target in sorted(graph.get(module, ())):
+            if target in trail:
+                cycles.append([*trail[trail.index(target) :], target])
+            elif target in graph and len(trail) < 30:
+                walk(target, [*trail, target])
+
+    for module in sorted(graph):
+        walk(module, [module])
+    assert not cycles, cycles[:5]
