@@ -195,8 +195,8 @@ class KlingClient:
             raise ValidationError(
                 "page_size", f"must be an integer from 1 to {MAX_PAGE_SIZE}", page_size
             )
-        data, request_id = await self._transport.request(
-            "GET", _protocol.list_path(page, page_size)
+        data, request_id = await self._transport.retrying(
+            self._transport.send, "GET", _protocol.list_path(page, page_size)
         )
         return parse_task_list(data, request_id=request_id)
 

@@ -110,112 +110,128 @@ def request_from_fields(fields: Mapping[str, Any]) -> ExtendRequest:
 # -- tasks ------------------------------------------------------------------------------
 
 
+#: Where a field is: ``("data", "task_result", "videos", 0, "duration")``. Paths are
+#: joined into text only when a field is bad: formatting them for every field of every
+#: answer cost more than the rest of the parse.
+_Where = tuple[Any, ...]
+
+
 class _Bad(Exception):
     """A field of the wrong shape: where, and why."""
 
-    def __init__(self, path: str, reason: str) -> None:
-        self.path = path
+    def __init__(self, where: _Where, reason: str) -> None:
+        self.where = where
         self.reason = reason
+
+    @property
+    def path(self) -> str:
+        root, *rest = self.where
+        return str(root) + "".join(
+            f"[{part}]" if isinstance(part, int) else f".{part}" for part in rest
+        )
 
 
 def _kind(value: object) -> str:
     return "bool" if isinstance(value, bool) else type(value).__name__
 
 
-def _text(value: Any, path: str, *, optional: bool = True) -> str | None:
+def _text(value: Any, where: _Where, *, optional: bool = True) -> str | None:
     if type(value) is str or (value is None and optional):
         return value
-    raise _Bad(path, f"expected a string, got {_kind(value)}")
+    raise _Bad(where, f"expected a string, got {_kind(value)}")
 
 
-def _object(value: Any, path: str) -> dict[str, Any]:
+def _object(value: Any, where: _Where) -> dict[str, Any]:
     if value is None:
         return {}
     if type(value) is dict:
         return value
-    raise _Bad(path, f"expected an object, got {_kind(value)}")
+    raise _Bad(where, f"expected an object, got {_kind(value)}")
 
 
-def _seconds(value: Any, path: str) -> float:
+def _seconds(value: Any, where: _Where) -> float:
     # Durations come as strings of seconds ("9.9"); plain numbers are accepted too.
     if type(value) is str:
         try:
             seconds = float(value)
         except ValueError:
-            raise _Bad(path, f"expected seconds, got {value!r}") from None
+            raise _Bad(where, f"expected seconds, got {value!r}") from None
     elif type(value) in (int, float):
         seconds = float(value)
     else:
-        raise _Bad(path, f"expected seconds, got {_kind(value)}")
+        raise _Bad(where, f"expected seconds, got {_kind(value)}")
     if not 0 <= seconds < float("inf"):
-        raise _Bad(path, f"expected a non-negative duration, got {value!r}")
+        raise _Bad(where, f"expected a non-negative duration, got {value!r}")
     return seconds
 
 
-def _millis(value: Any, path: str) -> datetime | None:
+def _millis(value: Any, where: _Where) -> datetime | None:
     # Timestamps are Unix milliseconds; they become UTC-aware datetimes.
     if value is None:
         return None
     if type(value) not in (int, float):
-        raise _Bad(path, f"expected Unix milliseconds, got {_kind(value)}")
+        raise _Bad(where, f"expected Unix milliseconds, got {_kind(value)}")
     try:
         return datetime.fromtimestamp(value / 1000, tz=timezone.utc)
     except (OverflowError, OSError, ValueError):
-        raise _Bad(path, f"timestamp out of range: {value}") from None
+        raise _Bad(where, f"timestamp out of range: {value}") from None
 
 
-def _required(data: dict[str, Any], key: str, root: str) -> Any:
+def _required(data: dict[str, Any], key: str, where: _Where) -> Any:
     if key not in data:
-        raise _Bad(f"{root}.{key}", "required field missing")
+        raise _Bad((*where, key), "required field missing")
     return data[key]
 
 
-def _video(value: Any, path: str) -> Video:
+def _video(value: Any, where: _Where) -> Video:
     if type(value) is not dict:
-        raise _Bad(path, f"expected an object, got {_kind(value)}")
-    video_id = _text(_required(value, "id", path), f"{path}.id", optional=False)
-    url = _text(value.get("url", ""), f"{path}.url", optional=False)
-    duration = _seconds(value.get("duration", 0.0), f"{path}.duration")
+        raise _Bad(where, f"expected an object, got {_kind(value)}")
+    video_id = _text(_required(value, "id", where), (*where, "id"), optional=False)
+    url = _text(value.get("url", ""), (*where, "url"), optional=False)
+    duration = _seconds(value.get("duration", 0.0), (*where, "duration"))
     return Video(id=video_id, url=url, duration=duration)  # type: ignore[arg-type]
 
 
 def _task(
     data: Any, root: str, request_id: str | None = None, external_task_id: str | None = None
 ) -> Task:
+    where = (root,)
     if type(data) is not dict:
-        raise _Bad(root, f"expected a task object, got {_kind(data)}")
+        raise _Bad(where, f"expected a task object, got {_kind(data)}")
     if "task_id" not in data and "id" in data and "status" in data:
-        data = _from_new_callback(data, root)
-    task_id = _text(_required(data, "task_id", root), f"{root}.task_id", optional=False)
-    status = _text(_required(data, "task_status", root), f"{root}.task_status", optional=False)
-    message = _text(data.get("task_status_msg"), f"{root}.task_status_msg")
-    info = _object(data.get("task_info"), f"{root}.task_info")
-    result = _object(data.get("task_result"), f"{root}.task_result")
-    external = _text(info.get("external_task_id"), f"{root}.task_info.external_task_id")
+        data = _from_new_callback(data, where)
+    task_id = _text(_required(data, "task_id", where), (root, "task_id"), optional=False)
+    status = _text(_required(data, "task_status", where), (root, "task_status"), optional=False)
+    message = _text(data.get("task_status_msg"), (root, "task_status_msg"))
+    info = _object(data.get("task_info"), (root, "task_info"))
+    result = _object(data.get("task_result"), (root, "task_result"))
+    external = _text(info.get("external_task_id"), (root, "task_info", "external_task_id"))
     parent = info.get("parent_video")
     raw_videos = result.get("videos")
     if raw_videos is None:
         raw_videos = []
     elif type(raw_videos) is not list:
-        raise _Bad(f"{root}.task_result.videos", f"expected a list, got {_kind(raw_videos)}")
-    wire_request_id = _text(data.get("request_id"), f"{root}.request_id")
+        raise _Bad((root, "task_result", "videos"), f"expected a list, got {_kind(raw_videos)}")
+    wire_request_id = _text(data.get("request_id"), (root, "request_id"))
     return Task(
         task_id=task_id,  # type: ignore[arg-type]
         status=TaskStatus.parse(status),  # type: ignore[arg-type]
         status_message=message or "",
-        created_at=_millis(data.get("created_at"), f"{root}.created_at"),
-        updated_at=_millis(data.get("updated_at"), f"{root}.updated_at"),
+        created_at=_millis(data.get("created_at"), (root, "created_at")),
+        updated_at=_millis(data.get("updated_at"), (root, "updated_at")),
         external_task_id=external or external_task_id,
-        parent_video=None if parent is None else _video(parent, f"{root}.task_info.parent_video"),
+        parent_video=None
+        if parent is None
+        else _video(parent, (root, "task_info", "parent_video")),
         videos=tuple(
-            _video(v, f"{root}.task_result.videos[{i}]") for i, v in enumerate(raw_videos)
+            [_video(v, (root, "task_result", "videos", i)) for i, v in enumerate(raw_videos)]
         ),
         raw_status=status,  # type: ignore[arg-type]
         request_id=request_id if request_id is not None else wire_request_id,
     )
 
 
-def _from_new_callback(data: Mapping[str, Any], root: str) -> dict[str, Any]:
+def _from_new_callback(data: Mapping[str, Any], where: _Where) -> dict[str, Any]:
     """The newer callback format (``id``, ``status``, ``outputs``...) as a task object."""
     status = data["status"]
     task: dict[str, Any] = {
@@ -230,7 +246,7 @@ def _from_new_callback(data: Mapping[str, Any], root: str) -> dict[str, Any]:
     outputs = data.get("outputs")
     if outputs is not None:
         if type(outputs) is not list:
-            raise _Bad(f"{root}.outputs", f"expected a list, got {_kind(outputs)}")
+            raise _Bad((*where, "outputs"), f"expected a list, got {_kind(outputs)}")
         task["task_result"] = {
             "videos": [
                 {key: output[key] for key in ("id", "url", "duration") if key in output}

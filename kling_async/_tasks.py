@@ -108,7 +108,9 @@ class Tasks:
 
     async def get(self, key: str) -> Task:
         """One task by task id or external id (retried); a finished one frees its slot."""
-        data, request_id = await self.transport.request("GET", _protocol.task_path(key))
+        data, request_id = await self.transport.retrying(
+            self.transport.send, "GET", _protocol.task_path(key)
+        )
         task = parse_task(data, request_id=request_id)
         if task.is_terminal and self.account is not None:
             await self.account.finished(task)

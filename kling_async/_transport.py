@@ -308,10 +308,6 @@ class Transport:
 
         return run
 
-    async def request(self, method: str, path: str) -> tuple[Any, str | None]:
-        """One call with retries, for requests that are safe to repeat."""
-        return await self.retrying(self.send, method, path)
-
 
 def _log(
     method: str,
