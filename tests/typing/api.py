@@ -92,3 +92,39 @@ async def simulator() -> None:
         sim.inject("drop_after", on="create")
         created: int = sim.counters.tasks_created
         print(base, created)
+
+
+def show(task: Task) -> None:
+    print(task.status)
+
+
+async def progress(snapshot: kling_async.BatchProgress) -> None:
+    print(snapshot.running)
+
+
+async def accounts() -> None:
+    from kling_async import CallbackSource, InMemoryAccount, OnProgress, OnUpdate
+    from kling_async.redis import RedisAccount
+
+    on_update: OnUpdate = show
+    on_progress: OnProgress = progress
+    source: CallbackSource = CallbackReceiver(url="https://bot.example/kling/callback")
+    shared = InMemoryAccount(max_running=4)
+    limit: int = shared.limit
+    redis_account = RedisAccount("redis://127.0.0.1:6379/0", name="team", lease=30.0)
+    async with KlingClient(account=shared) as one, KlingClient(account=redis_account) as two:
+        task = await one.extend_and_wait(
+            ExtendRequest(video_id="v", prompt="p"), on_update=on_update, callbacks=source
+        )
+        results = two.extend_many(
+            [ExtendRequest(video_id="v", prompt="p")], on_progress=on_progress
+        )
+        await results.aclose()  # an AsyncGenerator: aclose is typed
+        print(task.task_id, limit)
+    await redis_account.aclose()
+
+
+def mounted() -> None:
+    receiver = CallbackReceiver()
+    app = web.Application()
+    app.router.add_post("/kling/callback", receiver)
