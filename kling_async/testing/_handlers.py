@@ -25,7 +25,7 @@ from ._faults import (
 from ._files import serve_file
 from ._models import Counters, FaultKind, FaultTarget, RecordedRequest, SimTask
 from ._store import TaskStore
-from ._wire import envelope, int_param, validate_create
+from ._wire import envelope, int_param, read_create
 
 __all__ = ["API_PATH", "Handlers", "Settings"]
 
@@ -206,13 +206,14 @@ class Handlers:
             payload = None
         if not isinstance(payload, dict):
             return envelope(1200, "the request body must be a JSON object")
-        problem = validate_create(payload)
-        if problem is not None:
-            return envelope(1201, problem)
-        parent = store.parent(payload["video_id"], now)
+        create = read_create(payload)
+        if isinstance(create, str):
+            return envelope(1201, create)
+        parent = store.parent(create.video_id, now)
         if isinstance(parent, str):
             return envelope(1201, parent)
         task = store.create(
+            create,
             payload,
             parent,
             now,

@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from kling_async._models import ExtendRequest
+
 from ._models import FAILED, SUCCEED, TERMINAL_STATUSES, SimTask, SimVideo
 
 __all__ = [
@@ -88,6 +90,7 @@ class TaskStore:
 
     def create(
         self,
+        request: ExtendRequest,
         payload: dict[str, Any],
         parent: SimVideo,
         now: float,
@@ -97,7 +100,9 @@ class TaskStore:
         failure_rate: float,
         time_spread: float = 0.0,
     ) -> SimTask:
-        """Create a task (its outcome, result video and times are drawn now, seeded).
+        """Create the task of `request` (`payload`: its body as sent, kept for tests).
+
+        Its outcome, result video and times are drawn now, seeded.
 
         With a `time_spread` x, its submit and processing times are drawn uniformly
         from t * (1 - x) to t * (1 + x).
@@ -122,9 +127,9 @@ class TaskStore:
             failure_message=message,
             parent_video=parent,
             result_video=result,
-            external_task_id=payload.get("external_task_id"),
-            callback_url=payload.get("callback_url"),
-            parent_task_id=payload.get("task_id"),
+            external_task_id=request.external_task_id,
+            callback_url=request.callback_url,
+            parent_task_id=request.parent_task_id,
             request=payload,
             clock=self._clock,
         )

@@ -123,17 +123,17 @@ def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def validate_create(payload: dict[str, Any]) -> str | None:
-    """The problem with a create body (a message naming the field), or `None`.
+def read_create(payload: dict[str, Any]) -> ExtendRequest | str:
+    """The request a create body describes, or the problem with it (naming the field).
 
     The body is read by the client's own converter, so the simulator accepts exactly
     the bodies the client's `ExtendRequest` can describe, and names the field otherwise.
     """
     try:
-        converter.structure(payload, ExtendRequest)
+        request: ExtendRequest = converter.structure(payload, ExtendRequest)
     except ValidationError as error:
         return str(error)
-    return None
+    return request
 
 
 def int_param(value: str) -> int | None:
