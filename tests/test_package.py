@@ -56,7 +56,8 @@ def test_importing_the_package_loads_no_http_stack() -> None:
     # `import kling_async` costs less than `import aiohttp` (docs/performance.md).
     code = (
         "import sys, kling_async, kling_async.errors;"
-        "print(sorted(m for m in ('aiohttp', 'attrs', 'backoff', 'jwt', 'sqlite3', 'cattrs')"
+        "print(sorted(m for m in ('aiohttp', 'attrs', 'backoff', 'jwt', 'cattrs',"
+        " 'kling_async._journal')"
         " if m in sys.modules))"
     )
     out = subprocess.run(
@@ -69,7 +70,8 @@ def test_the_request_path_loads_no_batch_journal_jwt_or_cattrs() -> None:
     code = (
         "import sys; from kling_async import KlingClient, ExtendRequest;"
         "KlingClient(api_key='k');"
-        "print(sorted(m for m in ('sqlite3', 'jwt', 'cattrs', 'importlib.metadata',"
+        # (sqlite3 is not checked: coverage, measuring the subprocess, loads it itself.)
+        "print(sorted(m for m in ('jwt', 'cattrs', 'importlib.metadata',"
         " 'kling_async._batch', 'kling_async._journal', 'kling_async._download')"
         " if m in sys.modules))"
     )
