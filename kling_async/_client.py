@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any, Final
 import aiohttp
 
 from kling_async import _protocol
-from kling_async._account import Account
 from kling_async._config import (
     check_count,
     is_int_in,
@@ -30,7 +29,16 @@ from kling_async.errors import ConfigurationError, ValidationError
 if TYPE_CHECKING:
     from typing_extensions import Self
 
+    from kling_async._account import Account
+
 MAX_PAGE_SIZE: Final = 500
+
+
+def _is_account(value: object) -> bool:
+    # Imported here: the accounts load only when one is used.
+    from kling_async._account import Account
+
+    return isinstance(value, Account)
 
 
 class KlingClient:
@@ -78,7 +86,7 @@ class KlingClient:
             raise ConfigurationError("timeout must be a number of seconds above 0")
         if poll is not None and not isinstance(poll, PollPolicy):
             raise ConfigurationError("poll must be a PollPolicy")
-        if account is not None and not isinstance(account, Account):
+        if account is not None and not _is_account(account):
             raise ConfigurationError(
                 "account must be an InMemoryAccount, a kling_async.redis.RedisAccount or "
                 "another kling_async Account"

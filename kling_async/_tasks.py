@@ -18,13 +18,12 @@ import logging
 import random
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 import backoff
 
 from kling_async import _protocol
-from kling_async._account import Account, AccountSlot
 from kling_async._converter import parse_task, request_body
 from kling_async._deadlines import within
 from kling_async._hooks import call_back
@@ -37,6 +36,9 @@ from kling_async.errors import (
     TaskFailedError,
     WaitTimeoutError,
 )
+
+if TYPE_CHECKING:  # the accounts load only when one is used
+    from kling_async._account import Account, AccountSlot
 
 logger = logging.getLogger("kling_async")
 

@@ -72,7 +72,8 @@ def test_the_request_path_loads_no_batch_journal_jwt_or_cattrs() -> None:
         "KlingClient(api_key='k');"
         # (sqlite3 is not checked: coverage, measuring the subprocess, loads it itself.)
         "print(sorted(m for m in ('jwt', 'cattrs', 'importlib.metadata',"
-        " 'kling_async._batch', 'kling_async._journal', 'kling_async._download')"
+        " 'kling_async._account', 'kling_async._batch', 'kling_async._journal',"
+        " 'kling_async._download')"
         " if m in sys.modules))"
     )
     out = subprocess.run(
