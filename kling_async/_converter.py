@@ -186,39 +186,63 @@ def _required(data: dict[str, Any], key: str, where: _Where) -> Any:
 def _video(value: Any, where: _Where) -> Video:
     if type(value) is not dict:
         raise _Bad(where, f"expected an object, got {_kind(value)}")
-    video_id = _text(_required(value, "id", where), (*where, "id"), optional=False)
-    url = _text(value.get("url", ""), (*where, "url"), optional=False)
-    duration = _seconds(value.get("duration", 0.0), (*where, "duration"))
-    return Video(id=video_id, url=url, duration=duration)  # type: ignore[arg-type]
+    video_id: Any = value.get("id")
+    if type(video_id) is not str:
+        _text(_required(value, "id", where), (*where, "id"), optional=False)
+    url = value.get("url", "")
+    if type(url) is not str:
+        _text(url, (*where, "url"), optional=False)
+    duration = value.get("duration", 0.0)
+    return Video(id=video_id, url=url, duration=_seconds(duration, (*where, "duration")))
 
 
 def _task(
     data: Any, root: str, request_id: str | None = None, external_task_id: str | None = None
 ) -> Task:
-    where = (root,)
+    # The common, well-formed answer takes the inline checks; a field that fails one is
+    # looked at again by the helper, which raises with its path.
     if type(data) is not dict:
-        raise _Bad(where, f"expected a task object, got {_kind(data)}")
+        raise _Bad((root,), f"expected a task object, got {_kind(data)}")
     if "task_id" not in data and "id" in data and "status" in data:
-        data = _from_new_callback(data, where)
-    task_id = _text(_required(data, "task_id", where), (root, "task_id"), optional=False)
-    status = _text(_required(data, "task_status", where), (root, "task_status"), optional=False)
-    message = _text(data.get("task_status_msg"), (root, "task_status_msg"))
-    info = _object(data.get("task_info"), (root, "task_info"))
-    result = _object(data.get("task_result"), (root, "task_result"))
-    external = _text(info.get("external_task_id"), (root, "task_info", "external_task_id"))
+        data = _from_new_callback(data, (root,))
+    get = data.get
+    task_id = get("task_id")
+    if type(task_id) is not str:
+        _text(_required(data, "task_id", (root,)), (root, "task_id"), optional=False)
+    status = get("task_status")
+    if type(status) is not str:
+        _text(_required(data, "task_status", (root,)), (root, "task_status"), optional=False)
+    message = get("task_status_msg")
+    if message is not None and type(message) is not str:
+        _text(message, (root, "task_status_msg"))
+    info = get("task_info")
+    info = {} if info is None else info
+    if type(info) is not dict:
+        _object(info, (root, "task_info"))
+    result = get("task_result")
+    result = {} if result is None else result
+    if type(result) is not dict:
+        _object(result, (root, "task_result"))
+    external = info.get("external_task_id")
+    if external is not None and type(external) is not str:
+        _text(external, (root, "task_info", "external_task_id"))
     parent = info.get("parent_video")
     raw_videos = result.get("videos")
     if raw_videos is None:
-        raw_videos = []
+        raw_videos = ()
     elif type(raw_videos) is not list:
         raise _Bad((root, "task_result", "videos"), f"expected a list, got {_kind(raw_videos)}")
-    wire_request_id = _text(data.get("request_id"), (root, "request_id"))
+    wire_request_id = get("request_id")
+    if wire_request_id is not None and type(wire_request_id) is not str:
+        _text(wire_request_id, (root, "request_id"))
+    created_at = get("created_at")
+    updated_at = get("updated_at")
     return Task(
-        task_id=task_id,  # type: ignore[arg-type]
-        status=TaskStatus.parse(status),  # type: ignore[arg-type]
+        task_id=task_id,
+        status=TaskStatus.parse(status),
         status_message=message or "",
-        created_at=_millis(data.get("created_at"), (root, "created_at")),
-        updated_at=_millis(data.get("updated_at"), (root, "updated_at")),
+        created_at=None if created_at is None else _millis(created_at, (root, "created_at")),
+        updated_at=None if updated_at is None else _millis(updated_at, (root, "updated_at")),
         external_task_id=external or external_task_id,
         parent_video=None
         if parent is None
@@ -226,7 +250,7 @@ def _task(
         videos=tuple(
             [_video(v, (root, "task_result", "videos", i)) for i, v in enumerate(raw_videos)]
         ),
-        raw_status=status,  # type: ignore[arg-type]
+        raw_status=status,
         request_id=request_id if request_id is not None else wire_request_id,
     )
 

@@ -196,21 +196,14 @@ class Transport:
             headers = self._headers = {**_JSON_HEADERS, "Authorization": authorization}
         return headers
 
-    async def send(self, method: str, path: str, body: Any = None) -> tuple[Any, str | None]:
-        """One request (re-signing once on an expired token), no retries.
+    async def send(
+        self, method: str, path: str, body: Any = None, *, resigned: bool = False
+    ) -> tuple[Any, str | None]:
+        """One request, no retries (but a JWT expired in flight is re-signed once).
 
         Returns:
             The envelope's ``(data, request_id)``.
         """
-        try:
-            return await self._send_once(method, path, body)
-        except KlingError as error:
-            if not _protocol.is_token_expired(error) or not self._auth.invalidate():
-                raise
-            logger.info("token expired (code 1004); re-signing and sending again")
-            return await self._send_once(method, path, body)
-
-    async def _send_once(self, method: str, path: str, body: Any) -> tuple[Any, str | None]:
         session = self.session()
         headers = self._headers_for(self._auth.header())
         data: bytes | None = None
@@ -237,16 +230,19 @@ class Transport:
                 if debug:
                     _log(method, path, type(failure).__name__, None, None, started)
                 raise failure from None
-        if not debug:
-            return _protocol.decode_envelope(status, response_headers, payload)
         try:
-            data_, request_id = _protocol.decode_envelope(status, response_headers, payload)
+            decoded = _protocol.decode_envelope(status, response_headers, payload)
         except KlingError as error:
-            code, request_id = getattr(error, "code", None), getattr(error, "request_id", None)
-            _log(method, path, status, code, request_id, started)
-            raise
-        _log(method, path, status, 0, request_id, started)
-        return data_, request_id
+            if debug:
+                code = getattr(error, "code", None)
+                _log(method, path, status, code, getattr(error, "request_id", None), started)
+            if resigned or not _protocol.is_token_expired(error) or not self._auth.invalidate():
+                raise
+            logger.info("token expired (code 1004); re-signing and sending again")
+            return await self.send(method, path, body, resigned=True)
+        if debug:
+            _log(method, path, status, 0, decoded[1], started)
+        return decoded
 
     # -- retries -----------------------------------------------------------------------
 
