@@ -194,8 +194,8 @@ class Tasks:
                     assert slot is not None
                     if on_refused is not None:
                         on_refused()
-                    # The refused POST may follow one that timed out: look before sending.
-                    create.maybe_created = True
+                    # A 1303 proves this POST created nothing; an earlier ambiguous try
+                    # is still remembered in `create.maybe_created` (looked up first).
                     held, slot = slot, None
                     await account.refused(held, getattr(error, "retry_after", None))
                     slot = await self._acquire(account, create, slot_timeout)
