@@ -227,13 +227,11 @@ class _Fetch:
         # Set from an answer that said `Accept-Ranges: bytes`: a retry may then resume.
         self._resumable = False
         self._validator: str | None = None
-        base = transport.timeout
-        # A large file may take longer than any total; a stalled read still times out.
+        # A large file may take longer than any total; a stalled read still times out
+        # (after the client's `timeout` of silence), and so does a connect.
+        connect = transport.timeout.sock_connect
         self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=base.connect,
-            sock_connect=base.sock_connect,
-            sock_read=base.sock_read,
+            total=None, connect=connect, sock_connect=connect, sock_read=transport.seconds
         )
 
     async def attempt(self, method: str, shown: str, part: _PartFile) -> None:

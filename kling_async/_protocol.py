@@ -8,6 +8,7 @@ of the service's codes; the errors page of the documentation is generated from i
 
 from __future__ import annotations
 
+import functools
 import math
 import urllib.parse
 from collections.abc import Mapping
@@ -124,6 +125,7 @@ _STATUS_TO_ERROR: Final[Mapping[int, type[APIStatusError]]] = {
 RETRYABLE_STATUSES: Final = frozenset({408, 429})
 
 
+@functools.lru_cache(maxsize=4096)  # a wait polls the same task again and again
 def task_path(task_or_external_id: str) -> str:
     """The path of one task, already percent-encoded.
 

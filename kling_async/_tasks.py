@@ -114,7 +114,7 @@ class Tasks:
             self.transport.send, "GET", _protocol.task_path(key)
         )
         task = parse_task(data, request_id=request_id)
-        if task.is_terminal and self.account is not None:
+        if self.account is not None and task.is_terminal:
             await self.account.finished(task)
         return task
 

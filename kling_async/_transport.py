@@ -122,9 +122,12 @@ class Transport:
         self._closed = False
         self._headers: dict[str, str] = {}
         self._runners: dict[Callable[[BaseException], bool], Callable[..., Awaitable[Any]]] = {}
-        self.timeout = aiohttp.ClientTimeout(
-            total=timeout, connect=min(timeout, 30.0), sock_read=timeout
-        )
+        #: Seconds one API request may take in all, and the longest silence of a download.
+        self.seconds = timeout
+        # The total bounds an API call (its reads included). Only a new socket's connect
+        # gets a timer of its own: every timer aiohttp arms is a heap entry made and
+        # cancelled per request, measurable on the success path (docs/performance.md).
+        self.timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 30.0))
         # Our own session has our timeout as its default; a session passed in keeps its
         # own default, so ours goes with each request.
         self._per_request: dict[str, Any] = {} if session is None else {"timeout": self.timeout}
