@@ -177,13 +177,22 @@ def _millis(value: Any, where: _Where) -> datetime | None:
         raise _Bad(where, f"timestamp out of range: {value}") from None
 
 
+_INFINITY: Final = float("inf")
+#: Millisecond timestamps below this (year 9999) convert without a range error.
+_MAX_MILLIS: Final = 253_402_300_799_000
+
+
+def _from_millis(value: int) -> datetime:
+    return datetime.fromtimestamp(value / 1000, tz=timezone.utc)
+
+
 def _required(data: dict[str, Any], key: str, where: _Where) -> Any:
     if key not in data:
         raise _Bad((*where, key), "required field missing")
     return data[key]
 
 
-def _video(value: Any, where: _Where) -> Video:
+def _video(value: Any, *where: Any) -> Video:
     if type(value) is not dict:
         raise _Bad(where, f"expected an object, got {_kind(value)}")
     video_id: Any = value.get("id")
@@ -193,7 +202,13 @@ def _video(value: Any, where: _Where) -> Video:
     if type(url) is not str:
         _text(url, (*where, "url"), optional=False)
     duration = value.get("duration", 0.0)
-    return Video(id=video_id, url=url, duration=_seconds(duration, (*where, "duration")))
+    try:
+        seconds = float(duration) if type(duration) is str else -1.0
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < _INFINITY:  # anything but a plain string of seconds
+        seconds = _seconds(duration, (*where, "duration"))
+    return Video(id=video_id, url=url, duration=seconds)
 
 
 def _task(
@@ -241,14 +256,16 @@ def _task(
         task_id=task_id,
         status=TaskStatus.parse(status),
         status_message=message or "",
-        created_at=None if created_at is None else _millis(created_at, (root, "created_at")),
-        updated_at=None if updated_at is None else _millis(updated_at, (root, "updated_at")),
+        created_at=_from_millis(created_at)
+        if type(created_at) is int and 0 <= created_at < _MAX_MILLIS
+        else _millis(created_at, (root, "created_at")),
+        updated_at=_from_millis(updated_at)
+        if type(updated_at) is int and 0 <= updated_at < _MAX_MILLIS
+        else _millis(updated_at, (root, "updated_at")),
         external_task_id=external or external_task_id,
-        parent_video=None
-        if parent is None
-        else _video(parent, (root, "task_info", "parent_video")),
+        parent_video=None if parent is None else _video(parent, root, "task_info", "parent_video"),
         videos=tuple(
-            [_video(v, (root, "task_result", "videos", i)) for i, v in enumerate(raw_videos)]
+            [_video(v, root, "task_result", "videos", i) for i, v in enumerate(raw_videos)]
         ),
         raw_status=status,
         request_id=request_id if request_id is not None else wire_request_id,
