@@ -85,7 +85,9 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# A lease is freed: drop it and its task index; wake the waiters, if any.
+# A lease is freed: drop it and its task index; tell everyone. Not only the queued
+# waiters listen: a create refused with 1303 waits for a slot to free, and it is not
+# queued (publishing only to a non-empty queue left it sleeping beside a free slot).
 _FREE = """
 local function free(id)
   local doc = redis.call('HGET', KEYS[1], id)
@@ -94,7 +96,7 @@ local function free(id)
   if lease.t and lease.t ~= '' then redis.call('HDEL', KEYS[3], lease.t) end
   redis.call('HDEL', KEYS[1], id)
   redis.call('ZREM', KEYS[2], id)
-  if redis.call('ZCARD', KEYS[4]) > 0 then redis.call('PUBLISH', KEYS[6], 'free') end
+  redis.call('PUBLISH', KEYS[6], 'free')
   return 1
 end
 """
@@ -665,13 +667,9 @@ class RedisAccount(Account):
         )
         self._note_limit(limit)
         await self._listen()
-        if retry_after:
-            await asyncio.sleep(retry_after)
-        if self._freed.is_set():
-            return
-        # Nothing freed: wait for a slot to free, or (when the account holds no slot,
-        # so what fills it is not ours) a jittered backoff.
-        wait = random.uniform(1.0, REFUSED_WAIT_CAP if not held else 5.0)
+        # Wait for a slot to free anywhere on the account, or (when the account holds no
+        # slot, so what fills it is not ours) a jittered backoff; as InMemoryAccount does.
+        wait = retry_after or random.uniform(1.0, REFUSED_WAIT_CAP if not held else 5.0)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._freed.wait(), wait)
 

@@ -226,6 +226,25 @@ async def test_after_a_1303_the_limit_grows_by_one_over_limit_per_create_at_the_
     assert account.limit == 4  # 3 + 1/3 + ... passes 4 at the fourth create
 
 
+async def test_a_refused_create_wakes_when_a_slot_frees_though_nobody_is_queued(
+    accounts: Callable[..., RedisAccount], raw: aioredis.Redis, name: str
+) -> None:
+    one, two = accounts(max_running=2), accounts(max_running=2)
+    slot = await one.acquire("ext-a", nobody)
+    await one.created(slot, running("task-a"))
+    refused = await two.acquire("ext-b", nobody)
+    # 1303 with a Retry-After of 600 s: only the news of a freed slot ends the wait soon.
+    refusing = asyncio.ensure_future(two.refused(refused, retry_after=600))
+
+    async def given_back() -> bool:
+        return await raw.hlen(f"kling:{{{name}}}:leases") == 1
+
+    await until(given_back, "the refused slot given back")
+    assert await raw.zcard(f"kling:{{{name}}}:queue") == 0
+    await one.finished(done("task-a"))
+    await asyncio.wait_for(refusing, 10)
+
+
 async def test_a_dead_holders_slots_come_free_only_once_their_tasks_finish(
     accounts: Callable[..., RedisAccount],
 ) -> None:
