@@ -85,9 +85,10 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# A lease is freed: drop it and its task index; tell everyone. Not only the queued
-# waiters listen: a create refused with 1303 waits for a slot to free, and it is not
-# queued (publishing only to a non-empty queue left it sleeping beside a free slot).
+# A lease is freed: drop it and its task index; tell whoever waits. Not only queued
+# waiters do: a create refused with 1303 waits for a slot to free without being queued,
+# and says so in KEYS[7] (publishing only to a non-empty queue left it sleeping beside a
+# free slot). With nobody waiting nothing is published: no message per create.
 _FREE = """
 local function free(id)
   local doc = redis.call('HGET', KEYS[1], id)
@@ -96,24 +97,26 @@ local function free(id)
   if lease.t and lease.t ~= '' then redis.call('HDEL', KEYS[3], lease.t) end
   redis.call('HDEL', KEYS[1], id)
   redis.call('ZREM', KEYS[2], id)
-  redis.call('PUBLISH', KEYS[6], 'free')
+  if redis.call('ZCARD', KEYS[4]) > 0 or redis.call('EXISTS', KEYS[7]) == 1 then
+    redis.call('PUBLISH', KEYS[6], 'free')
+  end
   return 1
 end
 """
 
-# KEYS: leases expiry tasks queue limit channel waiters ticket epoch
+# KEYS: leases expiry tasks queue limit channel backoff waiters ticket epoch
 # ARGV: waiter lease_id ext lease_ms max_running candidate_epoch
 _ACQUIRE = (
     _NOW
     + """
-for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', now)) do
+for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', now)) do
   redis.call('ZREM', KEYS[4], w)
-  redis.call('ZREM', KEYS[7], w)
+  redis.call('ZREM', KEYS[8], w)
 end
-local epoch = redis.call('GET', KEYS[9])
+local epoch = redis.call('GET', KEYS[10])
 if not epoch then
   epoch = ARGV[6]
-  redis.call('SET', KEYS[9], epoch)
+  redis.call('SET', KEYS[10], epoch)
 end
 -- The plan's limit, or the learned one (1 before anything was learned: slow start).
 local limit = tonumber(ARGV[5]) or tonumber(redis.call('GET', KEYS[5])) or 1
@@ -127,18 +130,18 @@ if ahead < room then
   redis.call('HSET', KEYS[1], ARGV[2], cjson.encode({e = ARGV[3], t = ''}))
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[2])
   redis.call('ZREM', KEYS[4], ARGV[1])
-  redis.call('ZREM', KEYS[7], ARGV[1])
+  redis.call('ZREM', KEYS[8], ARGV[1])
   return {1, epoch, limit}
 end
 if not rank then
-  redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[8]), ARGV[1])
+  redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[9]), ARGV[1])
 end
-redis.call('ZADD', KEYS[7], now + tonumber(ARGV[4]), ARGV[1])
+redis.call('ZADD', KEYS[8], now + tonumber(ARGV[4]), ARGV[1])
 return {0, epoch, limit}
 """
 )
 
-# KEYS: leases expiry tasks queue limit channel steady
+# KEYS: leases expiry tasks queue limit channel backoff steady
 # ARGV: lease_id task_id terminal learn
 # Returns the learned limit (0 when nothing was learned here).
 # Learning, as TCP learns a window: while `steady` is unset (no 1303 seen yet) the limit
@@ -154,7 +157,7 @@ local function learned()
   local whole = math.max(1, math.floor(limit))
   if redis.call('HLEN', KEYS[1]) < whole then return whole end
   local raised = limit + 1
-  if redis.call('EXISTS', KEYS[7]) == 1 then raised = limit + 1 / limit end
+  if redis.call('EXISTS', KEYS[8]) == 1 then raised = limit + 1 / limit end
   redis.call('SET', KEYS[5], string.format('%.17g', raised))
   if math.floor(raised) > whole and redis.call('ZCARD', KEYS[4]) > 0 then
     redis.call('PUBLISH', KEYS[6], 'free')
@@ -175,7 +178,7 @@ return learned()
 """
 )
 
-# KEYS: leases expiry tasks queue limit channel; ARGV: lease_id task_id
+# KEYS: leases expiry tasks queue limit channel backoff; ARGV: lease_id task_id
 _RELEASE = (
     _FREE
     + """
@@ -188,10 +191,11 @@ return free(id)
 """
 )
 
-# KEYS: leases expiry tasks queue limit channel steady; ARGV: lease_id learn
+# KEYS: leases expiry tasks queue limit channel backoff steady; ARGV: lease_id learn wait_ms
 # Returns how many slots are still held, and the learned limit (0 when not learned).
 # A 1303 lowers the limit at once to the slots held less the refused one (every other
-# slot is a task the service accepted) and ends the slow start.
+# slot is a task the service accepted) and ends the slow start. The refused create then
+# waits (up to wait_ms) for a slot to free: `backoff` asks `free` to announce it.
 _REFUSED = (
     _FREE
     + """
@@ -199,19 +203,22 @@ local limit = 0
 if ARGV[2] == '1' then
   limit = math.max(1, redis.call('HLEN', KEYS[1]) - 1)
   redis.call('SET', KEYS[5], limit)
-  redis.call('SET', KEYS[7], '1')
+  redis.call('SET', KEYS[8], '1')
+end
+if redis.call('PTTL', KEYS[7]) < tonumber(ARGV[3]) then
+  redis.call('SET', KEYS[7], '1', 'PX', ARGV[3])
 end
 free(ARGV[1])
 return {redis.call('HLEN', KEYS[1]), limit}
 """
 )
 
-# KEYS: leases expiry tasks queue limit channel waiters; ARGV: lease_id waiter
+# KEYS: leases expiry tasks queue limit channel backoff waiters; ARGV: lease_id waiter
 # A cancelled acquire: drop its lease if the take got through, and its queue place.
 _ABANDON = (
     _FREE
     + """
-redis.call('ZREM', KEYS[7], ARGV[2])
+redis.call('ZREM', KEYS[8], ARGV[2])
 local was_queued = redis.call('ZREM', KEYS[4], ARGV[2])
 if free(ARGV[1]) == 0 and was_queued == 1 and redis.call('ZCARD', KEYS[4]) > 0 then
   redis.call('PUBLISH', KEYS[6], 'free')
@@ -392,6 +399,8 @@ class RedisAccount(Account):
             prefix + "queue",
             prefix + "limit",
             prefix + "freed",
+            # Exists while a create refused with 1303 waits for a slot to free.
+            prefix + "backoff",
         ]
         self._waiters_key = prefix + "waiters"
         self._ticket_key = prefix + "ticket"
@@ -658,11 +667,16 @@ class RedisAccount(Account):
     async def refused(self, slot: AccountSlot, retry_after: float | None = None) -> None:
         self._forget(slot.token)
         self._freed.clear()
+        longest = retry_after or REFUSED_WAIT_CAP
         held, limit = await self._complete(
             self._call(
                 self._refused_script,
                 self._learn_keys,
-                [slot.token, "1" if self.max_running is None else "0"],
+                [
+                    slot.token,
+                    "1" if self.max_running is None else "0",
+                    math.ceil(longest * 1000),
+                ],
             )
         )
         self._note_limit(limit)
