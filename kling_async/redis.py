@@ -694,13 +694,25 @@ class RedisAccount(Account):
             held.seen = 0.0  # look it up at the next renewal
             return
         self._forget(slot.token)
-        await self._complete(self._call(self._release_script, self._keys, [slot.token, ""]))
+        await self._give_back([slot.token, ""])
 
     async def finished(self, task: Task) -> None:
         token = self._by_task.get(task.task_id, "")
         if token:
             self._forget(token)
-        await self._complete(self._call(self._release_script, self._keys, [token, task.task_id]))
+        await self._give_back([token, task.task_id])
+
+    async def _give_back(self, args: list[str]) -> None:
+        # Never raises: the caller's task exists (or never will), and an error here would
+        # make it look failed, so that a job queue would run it again and create a second
+        # task. A slot not given back is no longer renewed: its lease runs out and whoever
+        # waits next frees it once its task is looked up and found finished or absent.
+        try:
+            await self._complete(self._call(self._release_script, self._keys, args))
+        except APIConnectionError as error:
+            logger.warning(
+                "giving a slot back failed (it is freed when its lease runs out): %s", error
+            )
 
     def _forget(self, token: str) -> None:
         held = self._held.pop(token, None)
