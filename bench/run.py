@@ -14,10 +14,16 @@ runs both sides in the same run, against the same simulator process, in alternat
    interpreters, median of many. Target: <= 1.10x.
 4. Peak RSS of a fresh process running the same batch at 10,000 and at 100,000 items
    (``--rss-large 1000000`` for the issue's 1M). Target: growth <= 10 MB.
+5. Sharing an account (`accounts.py`): a 4-slot account driven by one process (private,
+   given and learned `InMemoryAccount`) and by four processes through a `RedisAccount`
+   (given and learned): wall time against the ideal (target <= 1.3x) and 1303 answers
+   per task (<= 0.1 given, <= 0.5 learned); and a RedisAccount's cost per create
+   (target < 1 ms). Its own table, printed after the others.
 
 Options: ``--items N`` (default 20000), ``--rounds R`` (default 5), ``--calls C`` (per
 call, default 2000), ``--import-reps K`` (default 40), ``--rss-small``, ``--rss-large``
-(defaults 10000 and 100000), ``--only {cpu,throughput,import,rss}`` (repeatable).
+(defaults 10000 and 100000), ``--only {cpu,throughput,import,rss,accounts}``
+(repeatable).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import sys
 import time
 import uuid
 
+import accounts
 import aiohttp
 import imports
 import orjson
@@ -264,7 +271,10 @@ def main() -> int:
     parser.add_argument("--rss-large", type=int, default=100_000)
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument(
-        "--only", action="append", choices=["cpu", "throughput", "import", "rss"], default=None
+        "--only",
+        action="append",
+        choices=["cpu", "throughput", "import", "rss", "accounts"],
+        default=None,
     )
     parser.add_argument("--rss-child", nargs=3, metavar=("N", "BASE_URL", "API_KEY"))
     args = parser.parse_args()
@@ -272,7 +282,7 @@ def main() -> int:
         n, base_url, api_key = args.rss_child
         rss_child(base_url, api_key, int(n))
         return 0
-    only = set(args.only or ["cpu", "throughput", "import", "rss"])
+    only = set(args.only or ["cpu", "throughput", "import", "rss", "accounts"])
     if args.skip_rss:
         only.discard("rss")
 
@@ -294,9 +304,16 @@ def main() -> int:
     rss = None
     if "rss" in only:
         rss = (args.rss_small, args.rss_large, _rss(args, report))
+    account_rows: list[accounts.Row] = []
+    if "accounts" in only:
+        account_rows, report["accounts"] = accounts.run(rounds=min(args.rounds, 3))
     print(json.dumps(report, indent=2))
-    print()
-    print(_table(rows, rss))
+    if rows or rss is not None:
+        print()
+        print(_table(rows, rss))
+    if account_rows:
+        print()
+        print(accounts.table(account_rows))
     return 0
 
 

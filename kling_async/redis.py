@@ -25,7 +25,11 @@ hash slot):
 - Waiters queue in a sorted set (first come, first served across processes) and wake on a
   pub/sub message when a slot frees, with a re-check every ``lease / 3`` seconds.
 - The limit is ``max_running`` when given, or learned from 1303 answers by everyone
-  together: lowered at once, raised by ``1 / limit`` per create accepted at the limit.
+  together, exactly as `kling_async.InMemoryAccount` learns it: it starts at 1 and grows
+  by one slot per create accepted at the limit (doubling per round of creates) until the
+  first 1303, which lowers it at once to the slots held less one and ends that slow
+  start; from then on it grows by ``1 / limit`` per create accepted at the limit. The
+  limit and the slow-start flag live in Redis, changed only inside Lua scripts.
 - ``claim`` takes an external task id with ``SET NX``; ``settle`` stores the created task
   there, so a second create with that id, in any process, gets the first one's task.
 
@@ -81,7 +85,10 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# A lease is freed: drop it and its task index; wake the waiters, if any.
+# A lease is freed: drop it and its task index; tell whoever waits. Not only queued
+# waiters do: a create refused with 1303 waits for a slot to free without being queued,
+# and says so in KEYS[7] (publishing only to a non-empty queue left it sleeping beside a
+# free slot). With nobody waiting nothing is published: no message per create.
 _FREE = """
 local function free(id)
   local doc = redis.call('HGET', KEYS[1], id)
@@ -90,29 +97,32 @@ local function free(id)
   if lease.t and lease.t ~= '' then redis.call('HDEL', KEYS[3], lease.t) end
   redis.call('HDEL', KEYS[1], id)
   redis.call('ZREM', KEYS[2], id)
-  if redis.call('ZCARD', KEYS[4]) > 0 then redis.call('PUBLISH', KEYS[6], 'free') end
+  if redis.call('ZCARD', KEYS[4]) > 0 or redis.call('EXISTS', KEYS[7]) == 1 then
+    redis.call('PUBLISH', KEYS[6], 'free')
+  end
   return 1
 end
 """
 
-# KEYS: leases expiry tasks queue limit channel waiters ticket epoch
+# KEYS: leases expiry tasks queue limit channel backoff waiters ticket epoch
 # ARGV: waiter lease_id ext lease_ms max_running candidate_epoch
 _ACQUIRE = (
     _NOW
     + """
-for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[7], '-inf', now)) do
+for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', now)) do
   redis.call('ZREM', KEYS[4], w)
-  redis.call('ZREM', KEYS[7], w)
+  redis.call('ZREM', KEYS[8], w)
 end
-local epoch = redis.call('GET', KEYS[9])
+local epoch = redis.call('GET', KEYS[10])
 if not epoch then
   epoch = ARGV[6]
-  redis.call('SET', KEYS[9], epoch)
+  redis.call('SET', KEYS[10], epoch)
 end
-local limit = tonumber(ARGV[5]) or tonumber(redis.call('GET', KEYS[5]))
+-- The plan's limit, or the learned one (1 before anything was learned: slow start).
+local limit = tonumber(ARGV[5]) or tonumber(redis.call('GET', KEYS[5])) or 1
+limit = math.max(1, math.floor(limit))
 local held = redis.call('HLEN', KEYS[1])
-local room = math.huge
-if limit then room = math.max(1, math.floor(limit)) - held end
+local room = limit - held
 local rank = redis.call('ZRANK', KEYS[4], ARGV[1])
 local ahead = rank
 if not rank then ahead = redis.call('ZCARD', KEYS[4]) end
@@ -120,43 +130,55 @@ if ahead < room then
   redis.call('HSET', KEYS[1], ARGV[2], cjson.encode({e = ARGV[3], t = ''}))
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[2])
   redis.call('ZREM', KEYS[4], ARGV[1])
-  redis.call('ZREM', KEYS[7], ARGV[1])
-  return {1, epoch}
+  redis.call('ZREM', KEYS[8], ARGV[1])
+  return {1, epoch, limit}
 end
 if not rank then
-  redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[8]), ARGV[1])
+  redis.call('ZADD', KEYS[4], redis.call('INCR', KEYS[9]), ARGV[1])
 end
-redis.call('ZADD', KEYS[7], now + tonumber(ARGV[4]), ARGV[1])
-return {0, epoch}
+redis.call('ZADD', KEYS[8], now + tonumber(ARGV[4]), ARGV[1])
+return {0, epoch, limit}
 """
 )
 
-# KEYS: leases expiry tasks queue limit channel; ARGV: lease_id task_id terminal learn
+# KEYS: leases expiry tasks queue limit channel backoff steady
+# ARGV: lease_id task_id terminal learn
+# Returns the learned limit (0 when nothing was learned here).
+# Learning, as TCP learns a window: while `steady` is unset (no 1303 seen yet) the limit
+# grows by one slot per create accepted at the limit (doubling per round of creates);
+# after that by 1/limit. Only creates accepted *at* the limit count: room nobody asked
+# for proves nothing.
 _CREATED = (
     _FREE
     + """
+local function learned()
+  if ARGV[4] ~= '1' then return 0 end
+  local limit = tonumber(redis.call('GET', KEYS[5])) or 1
+  local whole = math.max(1, math.floor(limit))
+  if redis.call('HLEN', KEYS[1]) < whole then return whole end
+  local raised = limit + 1
+  if redis.call('EXISTS', KEYS[8]) == 1 then raised = limit + 1 / limit end
+  redis.call('SET', KEYS[5], string.format('%.17g', raised))
+  if math.floor(raised) > whole and redis.call('ZCARD', KEYS[4]) > 0 then
+    redis.call('PUBLISH', KEYS[6], 'free')
+  end
+  return math.max(1, math.floor(raised))
+end
 local doc = redis.call('HGET', KEYS[1], ARGV[1])
 if not doc then return 0 end
-if ARGV[3] == '1' then return free(ARGV[1]) end
+if ARGV[3] == '1' then
+  free(ARGV[1])
+  return 0
+end
 local lease = cjson.decode(doc)
 lease.t = ARGV[2]
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(lease))
 redis.call('HSET', KEYS[3], ARGV[2], ARGV[1])
-if ARGV[4] == '1' then
-  local limit = tonumber(redis.call('GET', KEYS[5]))
-  if limit and redis.call('HLEN', KEYS[1]) >= limit then
-    local raised = limit + 1 / limit
-    redis.call('SET', KEYS[5], string.format('%.17g', raised))
-    if math.floor(raised) > math.floor(limit) and redis.call('ZCARD', KEYS[4]) > 0 then
-      redis.call('PUBLISH', KEYS[6], 'free')
-    end
-  end
-end
-return 1
+return learned()
 """
 )
 
-# KEYS: leases expiry tasks queue limit channel; ARGV: lease_id task_id
+# KEYS: leases expiry tasks queue limit channel backoff; ARGV: lease_id task_id
 _RELEASE = (
     _FREE
     + """
@@ -169,26 +191,34 @@ return free(id)
 """
 )
 
-# KEYS: leases expiry tasks queue limit channel; ARGV: lease_id learn
-# Returns how many slots are still held.
+# KEYS: leases expiry tasks queue limit channel backoff steady; ARGV: lease_id learn wait_ms
+# Returns how many slots are still held, and the learned limit (0 when not learned).
+# A 1303 lowers the limit at once to the slots held less the refused one (every other
+# slot is a task the service accepted) and ends the slow start. The refused create then
+# waits (up to wait_ms) for a slot to free: `backoff` asks `free` to announce it.
 _REFUSED = (
     _FREE
     + """
+local limit = 0
 if ARGV[2] == '1' then
-  local held = redis.call('HLEN', KEYS[1])
-  redis.call('SET', KEYS[5], math.max(1, held - 1))
+  limit = math.max(1, redis.call('HLEN', KEYS[1]) - 1)
+  redis.call('SET', KEYS[5], limit)
+  redis.call('SET', KEYS[8], '1')
+end
+if redis.call('PTTL', KEYS[7]) < tonumber(ARGV[3]) then
+  redis.call('SET', KEYS[7], '1', 'PX', ARGV[3])
 end
 free(ARGV[1])
-return redis.call('HLEN', KEYS[1])
+return {redis.call('HLEN', KEYS[1]), limit}
 """
 )
 
-# KEYS: leases expiry tasks queue limit channel waiters; ARGV: lease_id waiter
+# KEYS: leases expiry tasks queue limit channel backoff waiters; ARGV: lease_id waiter
 # A cancelled acquire: drop its lease if the take got through, and its queue place.
 _ABANDON = (
     _FREE
     + """
-redis.call('ZREM', KEYS[7], ARGV[2])
+redis.call('ZREM', KEYS[8], ARGV[2])
 local was_queued = redis.call('ZREM', KEYS[4], ARGV[2])
 if free(ARGV[1]) == 0 and was_queued == 1 and redis.call('ZCARD', KEYS[4]) > 0 then
   redis.call('PUBLISH', KEYS[6], 'free')
@@ -369,10 +399,14 @@ class RedisAccount(Account):
             prefix + "queue",
             prefix + "limit",
             prefix + "freed",
+            # Exists while a create refused with 1303 waits for a slot to free.
+            prefix + "backoff",
         ]
         self._waiters_key = prefix + "waiters"
         self._ticket_key = prefix + "ticket"
         self._epoch_key = prefix + "epoch"
+        # Set by the first 1303: the learned limit's slow start is over.
+        self._learn_keys = [*self._keys, prefix + "steady"]
         self._settled_channel = prefix + "settled"
         register = self._redis.register_script
         self._acquire_script = register(_ACQUIRE)
@@ -384,24 +418,39 @@ class RedisAccount(Account):
         self._renew_script = register(_RENEW)
         self._settle_script = register(_SETTLE)
         self._epoch: str | None = None
+        self._limit = max_running or 1
         self._held: dict[str, _Held] = {}
         self._by_task: dict[str, str] = {}
         self._waiters: collections.deque[_Waiter] = collections.deque()
+        # A waiter's first take (which queues it in Redis) goes through this lock, so the
+        # Redis queue holds this process's waiters in the order of `_waiters`: only the
+        # local head tries again, and it must be the first of ours in Redis too.
+        self._queueing = asyncio.Lock()
         self._claims: set[str] = set()
         self._claim_waits: dict[str, asyncio.Event] = {}
         self._freed = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self._renewing: asyncio.Task[None] | None = None
         self._listening: asyncio.Task[None] | None = None
-        self._subscribed: asyncio.Event | None = None
+        self._subscribing = asyncio.Lock()
         self._closed = False
 
     def __repr__(self) -> str:
-        limit = self.max_running if self.max_running is not None else "learned"
+        learned = "" if self.max_running is not None else " (learned)"
         return (
-            f"<RedisAccount name={self.name!r} limit={limit} lease={self.lease:g}"
-            f" holding={len(self._held)}>"
+            f"<RedisAccount name={self.name!r} limit={self.limit}{learned}"
+            f" lease={self.lease:g} holding={len(self._held)}>"
         )
+
+    @property
+    def limit(self) -> int:
+        """How many slots may be taken: `max_running`, or the learned limit as this
+        process last saw it in Redis (other processes may have moved it since)."""
+        return self._limit
+
+    def _note_limit(self, limit: object) -> None:
+        if self.max_running is None and isinstance(limit, int) and limit >= 1:
+            self._limit = limit
 
     # -- Redis calls -------------------------------------------------------------------------
 
@@ -423,21 +472,21 @@ class RedisAccount(Account):
         except (RedisError, OSError) as error:
             raise self._error(error) from error
 
-    async def _deliver(self, script: Any, keys: list[str], args: list[Any]) -> None:
+    async def _deliver(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """Record that a task exists, retrying for a while when Redis is unreachable.
 
-        The task was created: failing the caller now would make it create again.
+        The task was created: failing the caller now would make it create again. Returns
+        the script's answer, or None when Redis stayed unreachable.
         """
         for attempt in range(CLAIM_LEASES * 3 + 1):
             try:
-                await self._call(script, keys, args)
+                return await self._call(script, keys, args)
             except APIConnectionError as error:
                 if attempt == CLAIM_LEASES * 3:
                     logger.warning("recording a created task failed: %s", error)
-                    return
+                    return None
                 await asyncio.sleep(self._tick)
-            else:
-                return
+        return None
 
     def _spawn(self, coro: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
         task = asyncio.ensure_future(coro)
@@ -455,18 +504,19 @@ class RedisAccount(Account):
     async def _listen(self) -> None:
         """Subscribe to the account's channels (raises when Redis is down)."""
         if self._listening is not None and not self._listening.done():
-            assert self._subscribed is not None
-            await self._subscribed.wait()
             return
-        self._subscribed = asyncio.Event()
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.subscribe(self._keys[5], self._settled_channel)
-        except (RedisError, OSError) as error:
-            await pubsub.aclose()
-            raise self._error(error) from error
-        self._subscribed.set()
-        self._listening = asyncio.ensure_future(self._read(pubsub))
+        # One subscriber per account: without the lock, every caller arriving while the
+        # first subscribes would open a subscription (and a listening task) of its own.
+        async with self._subscribing:
+            if self._listening is not None and not self._listening.done():
+                return
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._keys[5], self._settled_channel)
+            except (RedisError, OSError) as error:
+                await pubsub.aclose()
+                raise self._error(error) from error
+            self._listening = asyncio.ensure_future(self._read(pubsub))
 
     async def _read(self, pubsub: Any) -> None:
         try:
@@ -520,7 +570,7 @@ class RedisAccount(Account):
             while True:
                 if first or waiter is self._waiters[0]:
                     waiter.wake.clear()
-                    attempt = self._spawn(self._take(waiter, slot))
+                    attempt = self._spawn(self._take(waiter, slot, queueing=first))
                     try:
                         if await asyncio.shield(attempt):
                             break
@@ -549,8 +599,11 @@ class RedisAccount(Account):
         self._held[slot.token] = _Held(slot, lookup, time.monotonic())
         return slot
 
-    async def _take(self, waiter: _Waiter, slot: AccountSlot) -> bool:
-        taken, epoch = await self._call(
+    async def _take(self, waiter: _Waiter, slot: AccountSlot, *, queueing: bool) -> bool:
+        if queueing:
+            async with self._queueing:
+                return await self._take(waiter, slot, queueing=False)
+        taken, epoch, limit = await self._call(
             self._acquire_script,
             [*self._keys, self._waiters_key, self._ticket_key, self._epoch_key],
             [
@@ -563,6 +616,7 @@ class RedisAccount(Account):
             ],
         )
         self._note_epoch(_text(epoch))
+        self._note_limit(limit)
         return bool(taken)
 
     async def _abandon(
@@ -596,10 +650,10 @@ class RedisAccount(Account):
                 self._forget(slot.token)
             else:
                 self._by_task[task.task_id] = slot.token
-        await self._complete(
+        limit = await self._complete(
             self._deliver(
                 self._created_script,
-                self._keys,
+                self._learn_keys,
                 [
                     slot.token,
                     task.task_id,
@@ -608,25 +662,28 @@ class RedisAccount(Account):
                 ],
             )
         )
+        self._note_limit(limit)
 
     async def refused(self, slot: AccountSlot, retry_after: float | None = None) -> None:
         self._forget(slot.token)
         self._freed.clear()
-        held = await self._complete(
+        longest = retry_after or REFUSED_WAIT_CAP
+        held, limit = await self._complete(
             self._call(
                 self._refused_script,
-                self._keys,
-                [slot.token, "1" if self.max_running is None else "0"],
+                self._learn_keys,
+                [
+                    slot.token,
+                    "1" if self.max_running is None else "0",
+                    math.ceil(longest * 1000),
+                ],
             )
         )
+        self._note_limit(limit)
         await self._listen()
-        if retry_after:
-            await asyncio.sleep(retry_after)
-        if self._freed.is_set():
-            return
-        # Nothing freed: wait for a slot to free, or (when the account holds no slot,
-        # so what fills it is not ours) a jittered backoff.
-        wait = random.uniform(1.0, REFUSED_WAIT_CAP if not held else 5.0)
+        # Wait for a slot to free anywhere on the account, or (when the account holds no
+        # slot, so what fills it is not ours) a jittered backoff; as InMemoryAccount does.
+        wait = retry_after or random.uniform(1.0, REFUSED_WAIT_CAP if not held else 5.0)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._freed.wait(), wait)
 
@@ -637,13 +694,25 @@ class RedisAccount(Account):
             held.seen = 0.0  # look it up at the next renewal
             return
         self._forget(slot.token)
-        await self._complete(self._call(self._release_script, self._keys, [slot.token, ""]))
+        await self._give_back([slot.token, ""])
 
     async def finished(self, task: Task) -> None:
         token = self._by_task.get(task.task_id, "")
         if token:
             self._forget(token)
-        await self._complete(self._call(self._release_script, self._keys, [token, task.task_id]))
+        await self._give_back([token, task.task_id])
+
+    async def _give_back(self, args: list[str]) -> None:
+        # Never raises: the caller's task exists (or never will), and an error here would
+        # make it look failed, so that a job queue would run it again and create a second
+        # task. A slot not given back is no longer renewed: its lease runs out and whoever
+        # waits next frees it once its task is looked up and found finished or absent.
+        try:
+            await self._complete(self._call(self._release_script, self._keys, args))
+        except APIConnectionError as error:
+            logger.warning(
+                "giving a slot back failed (it is freed when its lease runs out): %s", error
+            )
 
     def _forget(self, token: str) -> None:
         held = self._held.pop(token, None)
@@ -736,7 +805,9 @@ class RedisAccount(Account):
                     await self._call(self._release_script, self._keys, [slot.token, ""])
                 elif slot.task_id is None:
                     await self._call(
-                        self._created_script, self._keys, [slot.token, task.task_id, "0", "0"]
+                        self._created_script,
+                        self._learn_keys,
+                        [slot.token, task.task_id, "0", "0"],
                     )
             except APIConnectionError as error:
                 logger.info("freeing an expired slot failed: %s", error)

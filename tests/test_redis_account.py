@@ -110,6 +110,28 @@ async def test_waiters_are_served_first_come_first_served_across_processes(
     assert order == list(range(6))
 
 
+async def test_many_waiters_of_one_process_are_served_in_call_order(
+    accounts: Callable[..., RedisAccount],
+) -> None:
+    # Their first takes race to Redis over several connections; if Redis queued them in
+    # another order than the process's own, the local head would wait behind a waiter
+    # that never tries again (only the head does), and they would all hang.
+    account = accounts(max_running=1)
+    holder = await account.acquire("holder", nobody)
+    order: list[int] = []
+
+    async def wait_turn(index: int) -> None:
+        slot = await account.acquire(f"ext-{index}", nobody)
+        order.append(index)
+        await account.release(slot)
+
+    waiting = [asyncio.ensure_future(wait_turn(index)) for index in range(20)]
+    await asyncio.sleep(0.05)
+    await account.release(holder)
+    await asyncio.wait_for(asyncio.gather(*waiting), 10)
+    assert order == list(range(20))
+
+
 async def test_a_waiter_wakes_when_a_slot_frees_not_at_its_next_check(
     accounts: Callable[..., RedisAccount],
 ) -> None:
@@ -126,19 +148,46 @@ async def test_a_waiter_wakes_when_a_slot_frees_not_at_its_next_check(
     assert taken.external_task_id == "waiter"
 
 
+async def test_the_learned_limit_starts_at_one_and_doubles_across_processes(
+    accounts: Callable[..., RedisAccount], raw: aioredis.Redis, name: str
+) -> None:
+    one, two = accounts(), accounts()
+    assert (one.limit, two.limit) == (1, 1)
+    first = await one.acquire("ext-0", nobody)
+    waiter = asyncio.ensure_future(two.acquire("ext-1", nobody))
+
+    async def queued() -> bool:
+        return await raw.zcard(f"kling:{{{name}}}:queue") == 1
+
+    await until(queued, "the other process waits at the starting limit of 1")
+    await one.created(first, running("task-0"))  # accepted at the limit: one slot more
+    assert await raw.get(f"kling:{{{name}}}:limit") == "2"
+    assert one.limit == 2
+    second = await asyncio.wait_for(waiter, 10)  # woken by the growth, not a free slot
+    await two.created(second, running("task-1"))
+    third = await one.acquire("ext-2", nobody)
+    await one.created(third, running("task-2"))
+    assert await raw.get(f"kling:{{{name}}}:limit") == "4"  # 1, 2, 3, 4: +1 per create
+    assert two.limit == 3  # what it last saw
+    assert await raw.hlen(f"kling:{{{name}}}:leases") == 3
+
+
 async def test_the_limit_is_learned_from_1303_by_every_process(
     accounts: Callable[..., RedisAccount], raw: aioredis.Redis, name: str
 ) -> None:
     one, two = accounts(), accounts()
-    slots = [await one.acquire(f"ext-{i}", nobody) for i in range(4)]
-    for index, slot in enumerate(slots[:3]):
-        await one.created(slot, running(f"task-{index}"))
+    slots = []
+    for index in range(4):  # slow start: 1, 2, 3, 4
+        slots.append(await one.acquire(f"ext-{index}", nobody))
+        if index < 3:
+            await one.created(slots[-1], running(f"task-{index}"))
     refusing = asyncio.ensure_future(one.refused(slots[3]))
 
     async def lowered() -> bool:
         return await raw.get(f"kling:{{{name}}}:limit") == "3"  # 4 held, less the refused one
 
     await until(lowered, "the limit lowered at once")
+    assert await raw.exists(f"kling:{{{name}}}:steady")  # slow start is over
 
     waiter = asyncio.ensure_future(two.acquire("other process", nobody))
 
@@ -151,6 +200,49 @@ async def test_the_limit_is_learned_from_1303_by_every_process(
     await two.created(slot, running("task-9"))  # accepted at the limit: raise it a bit
     await refusing  # woken by the slot that came free
     assert float(await raw.get(f"kling:{{{name}}}:limit") or 0) == pytest.approx(3 + 1 / 3)
+    assert (one.limit, two.limit) == (3, 3)
+
+
+async def test_after_a_1303_the_limit_grows_by_one_over_limit_per_create_at_the_limit(
+    accounts: Callable[..., RedisAccount], raw: aioredis.Redis, name: str
+) -> None:
+    account = accounts()
+    held = []
+    for index in range(4):
+        held.append(await account.acquire(f"ext-{index}", nobody))
+        if index < 3:
+            await account.created(held[-1], running(f"task-{index}"))
+    await account.refused(held.pop(), retry_after=0.01)
+    running_ids = [f"task-{index}" for index in range(3)]
+    expected = 3.0
+    for index in range(4, 8):  # one finishes, one more is accepted: always at the limit
+        await account.finished(done(running_ids.pop(0)))
+        running_ids.append(f"task-{index}")
+        slot = await account.acquire(f"ext-{index}", nobody)
+        await account.created(slot, running(f"task-{index}"))
+        expected += 1 / expected
+        limit = float(await raw.get(f"kling:{{{name}}}:limit") or 0)
+        assert limit == pytest.approx(expected)
+    assert account.limit == 4  # 3 + 1/3 + ... passes 4 at the fourth create
+
+
+async def test_a_refused_create_wakes_when_a_slot_frees_though_nobody_is_queued(
+    accounts: Callable[..., RedisAccount], raw: aioredis.Redis, name: str
+) -> None:
+    one, two = accounts(max_running=2), accounts(max_running=2)
+    slot = await one.acquire("ext-a", nobody)
+    await one.created(slot, running("task-a"))
+    refused = await two.acquire("ext-b", nobody)
+    # 1303 with a Retry-After of 600 s: only the news of a freed slot ends the wait soon.
+    refusing = asyncio.ensure_future(two.refused(refused, retry_after=600))
+
+    async def given_back() -> bool:
+        return await raw.hlen(f"kling:{{{name}}}:leases") == 1
+
+    await until(given_back, "the refused slot given back")
+    assert await raw.zcard(f"kling:{{{name}}}:queue") == 0
+    await one.finished(done("task-a"))
+    await asyncio.wait_for(refusing, 10)
 
 
 async def test_a_dead_holders_slots_come_free_only_once_their_tasks_finish(
@@ -233,14 +325,15 @@ def _closed_port() -> int:
         return port
 
 
-async def test_redis_down_raises_a_connection_error_naming_redis_not_the_password() -> None:
+async def test_redis_down_raises_a_connection_error_naming_redis_not_the_password(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     port = _closed_port()
     account = RedisAccount(f"redis://:s3cret-pw@127.0.0.1:{port}/0", name="down")
     try:
         calls: list[Awaitable[object]] = [
             account.acquire("ext", nobody),
             account.claim("ext"),
-            account.finished(done("task")),
             account.settle("ext", None),
         ]
         for call in calls:
@@ -249,6 +342,11 @@ async def test_redis_down_raises_a_connection_error_naming_redis_not_the_passwor
             assert f"Redis at 127.0.0.1:{port}" in str(caught.value)
             assert "s3cret-pw" not in str(caught.value)
             assert "s3cret-pw" not in repr(account)
+        # A finished task's slot is given back best effort: raising would make the task
+        # look failed, and a job queue would create it again. Its lease runs out instead.
+        await account.finished(done("task"))
+        assert f"Redis at 127.0.0.1:{port}" in caplog.text
+        assert "s3cret-pw" not in caplog.text
     finally:
         await account.aclose()
 

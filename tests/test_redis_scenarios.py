@@ -120,8 +120,9 @@ async def test_three_processes_share_a_small_account(
     if max_running is not None:
         assert sim.counters.rejected_1303 == 0  # the account never went over
     else:
-        # Learned together; the issue targets 0.5 per task, measured 0.3 to 0.7 here.
-        assert sim.counters.rejected_1303 <= 24
+        # Learned together, from 1 with slow start: the issue's target, 0.5 per task
+        # (measured: 4 in every one of 6 runs, 0.17 per task).
+        assert sim.counters.rejected_1303 <= 12
 
 
 async def test_a_killed_holders_tasks_free_their_slots_for_another_process(
