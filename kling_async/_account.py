@@ -122,10 +122,15 @@ class Account(abc.ABC):
 
 @attrs.define(eq=False)
 class _Held:
+    """A slot this process holds, with how to look its task up (for both accounts)."""
+
     slot: AccountSlot
     lookup: Lookup
+    #: `time.monotonic()` when its task was last seen (or checked).
     seen: float
     maybe_created: bool = False
+    #: A look-up of its task is under way (`RedisAccount` checks concurrently).
+    checking: bool = False
 
 
 class InMemoryAccount(Account):

@@ -61,7 +61,15 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
         "kling_async.redis needs redis-py: pip install 'kling-async[redis]'"
     ) from error
 
-from kling_async._account import CHECK_AFTER, REFUSED_WAIT_CAP, Account, AccountSlot, Lookup
+from kling_async._account import (
+    CHECK_AFTER,
+    REFUSED_WAIT_CAP,
+    Account,
+    AccountSlot,
+    Lookup,
+    _Held,
+)
+from kling_async._config import is_int_in, is_seconds, is_text
 from kling_async._converter import converter
 from kling_async._models import Task
 from kling_async.errors import APIConnectionError, ConfigurationError
@@ -78,6 +86,8 @@ SETTLED_TTL: Final = 24 * 3600
 CLAIM_LEASES: Final = 3
 #: How often a second claimer looks again when no pub/sub message came, in seconds.
 CLAIM_POLL: Final = 0.5
+#: The shortest lease accepted, in seconds.
+MIN_LEASE: Final = 0.1
 
 # Every script reads the server's clock, so the hosts' clocks never need to agree.
 _NOW = """
@@ -304,36 +314,10 @@ return 1
 
 
 @attrs.define(eq=False)
-class _Held:
-    slot: AccountSlot
-    lookup: Lookup
-    seen: float
-    maybe_created: bool = False
-    checking: bool = False
-
-
-@attrs.define(eq=False)
 class _Waiter:
     id: str
     lookup: Lookup
     wake: asyncio.Event = attrs.field(factory=asyncio.Event)
-
-
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _is_seconds(value: object) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value >= 0.1
-    )
-
-
-def _is_name(value: object) -> bool:
-    return isinstance(value, str) and bool(value)
 
 
 def _text(value: object) -> str:
@@ -366,11 +350,11 @@ class RedisAccount(Account):
         max_running: int | None = None,
         lease: float = 30.0,
     ) -> None:
-        if max_running is not None and not _is_count(max_running):
+        if max_running is not None and not is_int_in(max_running, 1):
             raise ConfigurationError("max_running must be an integer of at least 1, or None")
-        if not _is_seconds(lease):
+        if not is_seconds(lease) or lease < MIN_LEASE:
             raise ConfigurationError("lease must be a finite number of seconds, at least 0.1")
-        if not _is_name(name):
+        if not is_text(name):
             raise ConfigurationError("name must be a non-empty string")
         if isinstance(redis, str):
             try:
