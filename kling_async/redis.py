@@ -494,7 +494,8 @@ class RedisAccount(Account):
         async with self._subscribing:
             if self._listening is not None and not self._listening.done():
                 return
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            # Any: redis-py's PubSub is typed in some releases and not in others.
+            pubsub: Any = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self._keys[5], self._settled_channel)
             except (RedisError, OSError) as error:

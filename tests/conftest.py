@@ -9,6 +9,7 @@ import pytest
 
 from kling_async import KlingClient, PollPolicy
 from kling_async.testing import Simulator
+from tests.callback_receiver import Receiver, serve_receiver
 
 pytest_plugins = ["kling_async.testing.pytest_plugin", "redis_server"]
 
@@ -46,3 +47,10 @@ async def client(sim: Simulator) -> AsyncIterator[KlingClient]:
 def debug_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
     caplog.set_level(logging.DEBUG, logger="kling_async")
     return caplog
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
+    """An endpoint on 127.0.0.1 recording the callbacks sent to it, and its URL."""
+    async with serve_receiver() as served:
+        yield served

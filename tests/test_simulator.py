@@ -20,11 +20,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from standardwebhooks.webhooks import Webhook
 
 import kling_async.testing
 from kling_async.testing import FaultKind, ManualClock, Simulator
+from tests.callback_receiver import Receiver
 
 pytest_plugins = ["pytester"]
 
@@ -710,42 +710,6 @@ async def test_files_short_body_and_drop(
 
 
 # -- callbacks ----------------------------------------------------------------------------
-
-
-class Receiver:
-    def __init__(self) -> None:
-        self.received: list[tuple[dict[str, str], bytes]] = []
-        self.got = asyncio.Event()
-        self.status = 200
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.received.append((dict(request.headers), await request.read()))
-        self.got.set()
-        return web.Response(status=self.status)
-
-    async def wait_for(self, count: int) -> None:
-        async def wait() -> None:
-            while len(self.received) < count:
-                self.got.clear()
-                await self.got.wait()
-
-        await asyncio.wait_for(wait(), 5)
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
-    handler = Receiver()
-    app = web.Application()
-    app.router.add_post("/cb", handler.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield handler, f"http://127.0.0.1:{port}/cb"
-    finally:
-        await runner.cleanup()
 
 
 async def test_signed_callbacks(

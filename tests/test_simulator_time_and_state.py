@@ -12,11 +12,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 import kling_async.testing
 from kling_async import ExtendRequest, KlingClient, PollPolicy
 from kling_async.testing import ManualClock, Simulator
+from tests.callback_receiver import Receiver, serve_receiver
 
 PATH = "/v1/videos/video-extend"
 START = 1_700_000_000.0
@@ -150,40 +150,6 @@ async def call_with_token(
         return response.status, await response.json()
 
 
-class Receiver:
-    def __init__(self) -> None:
-        self.statuses: list[str] = []
-        self.changed = asyncio.Event()
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.statuses.append((await request.json())["task_status"])
-        self.changed.set()
-        return web.Response()
-
-    async def wait_for(self, count: int) -> list[str]:
-        async def wait() -> None:
-            while len(self.statuses) < count:
-                self.changed.clear()
-                await self.changed.wait()
-
-        await asyncio.wait_for(wait(), 5)
-        return self.statuses
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[tuple[Receiver, str]]:
-    handler = Receiver()
-    app = web.Application()
-    app.router.add_post("/cb", handler.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        yield handler, f"http://127.0.0.1:{runner.addresses[0][1]}/cb"
-    finally:
-        await runner.cleanup()
-
-
 async def test_callbacks_follow_the_manual_clock(
     http: aiohttp.ClientSession, receiver: tuple[Receiver, str]
 ) -> None:
@@ -208,21 +174,12 @@ def test_callbacks_follow_the_manual_clock_in_a_thread() -> None:
 
 
 async def _create_and_receive(sim: Simulator, clock: ManualClock) -> list[str]:
-    handler = Receiver()
-    app = web.Application()
-    app.router.add_post("/cb", handler.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    try:
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}/cb"
+    async with serve_receiver() as (handler, url):
         async with aiohttp.ClientSession() as http:
             await create(http, sim, callback_url=url)
         await handler.wait_for(1)
         clock.advance(120)  # moved from another thread than the simulator's
         return list(await handler.wait_for(3))
-    finally:
-        await runner.cleanup()
 
 
 # -- varied task times ---------------------------------------------------------------------
