@@ -9,30 +9,10 @@ async with KlingClient() as kling:
 ```
 """
 
-from typing import TYPE_CHECKING as _TYPE_CHECKING
-from typing import Any as _Any
-
-from kling_async.errors import (
-    APIConnectionError,
-    APIStatusError,
-    APITimeoutError,
-    AuthenticationError,
-    ConfigurationError,
-    ContentPolicyError,
-    InsufficientBalanceError,
-    InvalidRequestError,
-    KlingError,
-    NotFoundError,
-    PermissionDeniedError,
-    RateLimitError,
-    ResponseFormatError,
-    ServerError,
-    TaskFailedError,
-    ValidationError,
-    WaitTimeoutError,
-)
-
-if _TYPE_CHECKING:
+# Not `typing.TYPE_CHECKING`: importing typing alone costs more than the rest of this
+# file, and the command line starts here (mypy treats any `TYPE_CHECKING` as true).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
     from kling_async._account import InMemoryAccount
     from kling_async._client import KlingClient
     from kling_async._models import (
@@ -45,12 +25,51 @@ if _TYPE_CHECKING:
         Video,
     )
     from kling_async._types import CallbackSource, OnDownloadProgress, OnProgress, OnUpdate
+    from kling_async.errors import (
+        APIConnectionError,
+        APIStatusError,
+        APITimeoutError,
+        AuthenticationError,
+        ConfigurationError,
+        ContentPolicyError,
+        InsufficientBalanceError,
+        InvalidRequestError,
+        KlingError,
+        NotFoundError,
+        PermissionDeniedError,
+        RateLimitError,
+        ResponseFormatError,
+        ServerError,
+        TaskFailedError,
+        ValidationError,
+        WaitTimeoutError,
+    )
 
     __version__: str
 
-# The client and models load on first use, so that `import kling_async` (and the command
-# line's start, and `kling_async.errors`) does not pay for aiohttp, attrs and backoff.
+# Everything loads on first use, so that `import kling_async` (and so the command line's
+# start, which a Ctrl-C may interrupt) does not pay for aiohttp, attrs and backoff.
+_ERRORS = (
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AuthenticationError",
+    "ConfigurationError",
+    "ContentPolicyError",
+    "InsufficientBalanceError",
+    "InvalidRequestError",
+    "KlingError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "ResponseFormatError",
+    "ServerError",
+    "TaskFailedError",
+    "ValidationError",
+    "WaitTimeoutError",
+)
 _LAZY: dict[str, str] = {
+    **dict.fromkeys(_ERRORS, "kling_async.errors"),
     "InMemoryAccount": "kling_async._account",
     "KlingClient": "kling_async._client",
     **dict.fromkeys(
@@ -64,7 +83,7 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> _Any:
+def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is not None:
         import importlib
@@ -85,6 +104,9 @@ def __getattr__(name: str) -> _Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
+
+
+del TYPE_CHECKING
 
 
 __all__ = [

@@ -16,13 +16,15 @@ needs the ``cli`` extra (click and rich); without it, `main` says how to install
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
 
+# Only what `main` needs to catch a Ctrl-C is imported before it runs (not even typing:
+# mypy treats any `TYPE_CHECKING` as true).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from kling_async._cli._app import cli as cli
 
 __all__ = ["cli", "main"]
@@ -32,7 +34,7 @@ _EXTRA_MODULES = ("click", "rich")
 _EXIT_INTERRUPTED = 130
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name == "cli":
         from kling_async._cli._app import cli
 
@@ -75,6 +77,8 @@ def _run(argv: Sequence[str] | None, prog_name: str) -> None:
 
 def _interrupted() -> None:
     """Say "interrupted" and exit 130, however far the start-up had got."""
+    import contextlib
+
     with contextlib.suppress(OSError, ValueError):  # stdout or stderr closed or gone
         sys.stdout.flush()  # result lines already written stay written
         sys.stderr.write("interrupted\n")
