@@ -47,41 +47,6 @@ if TYPE_CHECKING:
 
     __version__: str
 
-# Everything loads on first use, so that `import kling_async` (and so the command line's
-# start, which a Ctrl-C may interrupt) does not pay for aiohttp, attrs and backoff.
-_ERRORS = (
-    "APIConnectionError",
-    "APIStatusError",
-    "APITimeoutError",
-    "AuthenticationError",
-    "ConfigurationError",
-    "ContentPolicyError",
-    "InsufficientBalanceError",
-    "InvalidRequestError",
-    "KlingError",
-    "NotFoundError",
-    "PermissionDeniedError",
-    "RateLimitError",
-    "ResponseFormatError",
-    "ServerError",
-    "TaskFailedError",
-    "ValidationError",
-    "WaitTimeoutError",
-)
-_LAZY: dict[str, str] = {
-    **dict.fromkeys(_ERRORS, "kling_async.errors"),
-    "InMemoryAccount": "kling_async._account",
-    "KlingClient": "kling_async._client",
-    **dict.fromkeys(
-        ("BatchProgress", "BatchResult", "ExtendRequest", "PollPolicy", "Task", "TaskStatus"),
-        "kling_async._models",
-    ),
-    "Video": "kling_async._models",
-    **dict.fromkeys(
-        ("CallbackSource", "OnDownloadProgress", "OnProgress", "OnUpdate"), "kling_async._types"
-    ),
-}
-
 
 def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
@@ -142,3 +107,20 @@ __all__ = [
     "WaitTimeoutError",
     "__version__",
 ]
+
+# Everything loads on first use, so that `import kling_async` (and so the command line's
+# start, which a Ctrl-C may interrupt) does not pay for aiohttp, attrs and backoff.
+_LAZY: dict[str, str] = {
+    # Every exception class (their names all end in "Error"), from the exception tree.
+    **dict.fromkeys((n for n in __all__ if n.endswith("Error")), "kling_async.errors"),
+    "InMemoryAccount": "kling_async._account",
+    "KlingClient": "kling_async._client",
+    **dict.fromkeys(
+        ("BatchProgress", "BatchResult", "ExtendRequest", "PollPolicy", "Task", "TaskStatus"),
+        "kling_async._models",
+    ),
+    "Video": "kling_async._models",
+    **dict.fromkeys(
+        ("CallbackSource", "OnDownloadProgress", "OnProgress", "OnUpdate"), "kling_async._types"
+    ),
+}
