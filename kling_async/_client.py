@@ -60,6 +60,12 @@ class KlingClient:
         session: an `aiohttp.ClientSession` to use; the client never closes it.
         poll: how `wait_for_task` spaces its looks.
         allow_insecure: allow plain ``http://`` to a host that is not loopback.
+        account: where the account's running-task slots are kept (an `InMemoryAccount`
+            for one process, a `kling_async.redis.RedisAccount` for many); every create
+            takes a slot first. The client never closes it.
+
+    A client belongs to the event loop it first ran in; used from another it raises
+    `RuntimeError`.
 
     Raises:
         ConfigurationError: no credentials, or an unusable setting (named in the message).
@@ -378,6 +384,9 @@ class KlingClient:
         Raises:
             FileExistsError: the file exists and `overwrite` is False.
             ValidationError: a task with no result video, or an unusable `dest`.
+            ResponseFormatError: the server kept answering with something that is not a
+                video (a proxy's HTML page, say), after retries; no file is touched.
+            NotFoundError: the result is gone (Kling deletes results after 30 days).
         """
         from kling_async._download import download
 

@@ -170,12 +170,12 @@ async def test_faults_on_creates_and_polls_lose_and_duplicate_nothing() -> None:
             max_retries=12,
             timeout=0.25,
         ) as kling:
-            results = await collect(kling.extend_many(requests(250), concurrency=32))
-        assert len(results) == 250
+            results = await collect(kling.extend_many(requests(150), concurrency=32))
+        assert len(results) == 150
         assert [r.error for r in results if not r.ok] == []
-        assert_one_task_per_input(sim, 250)
+        assert_one_task_per_input(sim, 150)
         assert sim.counters.peak_concurrent_requests <= 16
-        assert sim.counters.faults_injected > 50
+        assert sim.counters.faults_injected > 30
 
 
 async def test_no_credit_stops_submissions() -> None:
