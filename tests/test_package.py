@@ -51,35 +51,36 @@ def test_every_contract_name_is_exported_and_resolves() -> None:
     assert kling_async.KlingClient.__module__ == "kling_async._client"
 
 
+def _loaded(code: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of `modules` a fresh interpreter has loaded after running `code`."""
+    probe = f"import sys; {code}; print(sorted(m for m in {modules!r} if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    return ast.literal_eval(out.strip())  # type: ignore[no-any-return]
+
+
 def test_importing_the_package_loads_no_http_stack() -> None:
     # The command line starts (and answers Ctrl-C) before aiohttp is loaded, and
     # `import kling_async` costs less than `import aiohttp` (docs/performance.md).
-    code = (
-        "import sys, kling_async, kling_async.errors;"
-        "print(sorted(m for m in ('aiohttp', 'attrs', 'backoff', 'jwt', 'cattrs',"
-        " 'kling_async._journal')"
-        " if m in sys.modules))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    assert out.strip() == "[]"
+    # (typing is not checked: coverage, measuring the subprocess, loads it itself.)
+    heavy = ("aiohttp", "attrs", "backoff", "jwt", "cattrs", "kling_async._journal")
+    assert _loaded("import kling_async, kling_async._cli", heavy) == []
 
 
 def test_the_request_path_loads_no_batch_journal_jwt_or_cattrs() -> None:
-    code = (
-        "import sys; from kling_async import KlingClient, ExtendRequest;"
-        "KlingClient(api_key='k');"
-        # (sqlite3 is not checked: coverage, measuring the subprocess, loads it itself.)
-        "print(sorted(m for m in ('jwt', 'cattrs', 'importlib.metadata',"
-        " 'kling_async._account', 'kling_async._batch', 'kling_async._journal',"
-        " 'kling_async._download')"
-        " if m in sys.modules))"
+    # (sqlite3 is not checked: coverage, measuring the subprocess, loads it itself.)
+    unused = (
+        "jwt",
+        "cattrs",
+        "importlib.metadata",
+        "kling_async._account",
+        "kling_async._batch",
+        "kling_async._journal",
+        "kling_async._download",
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout
-    assert out.strip() == "[]"
+    code = "from kling_async import KlingClient, ExtendRequest; KlingClient(api_key='k')"
+    assert _loaded(code, unused) == []
 
 
 def _runtime_imports(path: Path) -> set[str]:
