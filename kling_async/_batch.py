@@ -37,7 +37,7 @@ from kling_async._journal import FINISHED, PENDING, SUBMITTED, Journal, fingerpr
 from kling_async._models import BatchProgress, BatchResult, ExtendRequest, Task
 from kling_async._tasks import Tasks
 from kling_async._types import CallbackSource, OnProgress
-from kling_async.errors import KlingError, TaskFailedError, ValidationError
+from kling_async.errors import KlingError, ValidationError
 
 logger = logging.getLogger("kling_async")
 
@@ -104,14 +104,13 @@ class Batch:
             succeeded=self.succeeded,
             failed=self.failed,
             pending=self.pulled - self.running - self.succeeded - self.failed,
-            concurrency=min(
-                self._concurrency, getattr(self._account, "limit", None) or self._concurrency
-            ),
+            concurrency=min(self._concurrency, self._account_limit()),
             throttled=self.throttled,
             total=self._total,
         )
 
     def _account_limit(self) -> int:
+        # Both accounts have `limit`; another `Account` implementation need not.
         limit = getattr(self._account, "limit", None)
         return limit if isinstance(limit, int) else self._concurrency
 
@@ -285,10 +284,7 @@ class Batch:
                 callbacks=self._callbacks,
                 account=self._account,
             )
-        except TaskFailedError as error:
-            await record(FINISHED, error.task, error)
-            return BatchResult(index=index, request=request, task=error.task, error=error)
-        except KlingError as error:
+        except KlingError as error:  # TaskFailedError and WaitTimeoutError carry `.task`
             seen = getattr(error, "task", task)
             await record(FINISHED, seen, error)
             return BatchResult(index=index, request=request, task=seen, error=error)
