@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 #: The newer callback format's statuses that differ from the task object's.
 _NEW_STATUSES: Final = {"succeeded": "succeed"}
-_REQUEST_FIELDS: Final = frozenset(a.name for a in attrs.fields(ExtendRequest))
+_REQUEST_FIELDS: Final = tuple(a.name for a in attrs.fields(ExtendRequest))
 
 
 # -- the create body --------------------------------------------------------------------
@@ -100,7 +100,9 @@ def request_from_fields(fields: Mapping[str, Any]) -> ExtendRequest:
     """
     for key in fields:
         if key not in _REQUEST_FIELDS:
-            raise ValidationError(str(key), "is not a field of an extension request")
+            raise ValidationError(
+                str(key), f"unknown field (the fields are {', '.join(_REQUEST_FIELDS)})"
+            )
     for required in ("video_id", "prompt"):
         if required not in fields:
             raise ValidationError(required, "is required")

@@ -25,7 +25,6 @@ from kling_async.errors import ValidationError
 
 FORMATS: Final = ("jsonl", "csv")
 FIELDS: Final = tuple(field.name for field in attrs.fields(ExtendRequest))
-REQUIRED: Final = ("video_id", "prompt")
 _TRUE: Final = frozenset({"true", "1", "yes"})
 _FALSE: Final = frozenset({"false", "0", "no"})
 _BOM: Final = b"\xef\xbb\xbf"
@@ -120,17 +119,12 @@ def input_format(path: str, given: str | None) -> str:
 
 def to_row(number: int, values: Mapping[str, Any]) -> Row:
     """A request from a row's given values (keys named like `ExtendRequest` fields)."""
-    for name in values:
-        if name not in FIELDS:
-            rule = f"unknown field (the fields are {', '.join(FIELDS)})"
-            return BadRow(number, f"{name}: {rule}", name, rule)
-    for name in REQUIRED:
-        if name not in values:
-            return BadRow(number, f"{name}: is required", name, "is required")
     try:
-        request = request_from_fields(values)
+        request = request_from_fields(values)  # unknown and missing fields too
     except ValidationError as error:
-        return BadRow.invalid(number, error, values.get(error.field, _NOT_GIVEN))
+        # The value is shown for a field of the request, not for an unknown one.
+        given = values.get(error.field, _NOT_GIVEN) if error.field in FIELDS else _NOT_GIVEN
+        return BadRow.invalid(number, error, given)
     return GoodRow(number, request)
 
 
