@@ -146,19 +146,19 @@ class Transport:
                 one it first ran in.
         """
         loop = asyncio.get_running_loop()
+        if self._session is not None and self._loop is loop:
+            return self._session
+        if self._closed:
+            raise RuntimeError("this KlingClient is closed; create a new one")
         if self._loop is not loop:
             self._bind(loop)
         if self._session is None:
-            if self._closed:
-                raise RuntimeError("this KlingClient is closed; create a new one")
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self.max_in_flight), timeout=self.timeout
             )
         return self._session
 
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._closed:
-            raise RuntimeError("this KlingClient is closed; create a new one")
         if self._loop is None:
             self._loop = loop
             return
