@@ -121,6 +121,8 @@ class Batch:
     async def run(self) -> AsyncGenerator[BatchResult, None]:
         """Yield one result per input item, in completion order."""
         if self._journal_path is not None:
+            # Held (locked) until the `finally` below closes it: a second run on the same
+            # journal is refused here, before any request.
             self._journal = await Journal.open(
                 self._journal_path, service=self._tasks.transport.base_url
             )
@@ -247,12 +249,15 @@ class Batch:
                 await record(FINISHED, error=self._no_credit)
                 return BatchResult(index=index, request=request, error=self._no_credit)
             if journal is not None and row is None:
-                await record(PENDING)
+                await record(PENDING)  # durable before the POST (synchronous=FULL)
+            # A resumed journal may have lost rows (a copy without its -wal, an OS crash):
+            # any item it has not finished may have been sent, row or no row.
+            look_up_first = journal is not None and (row is not None or journal.resumed)
             try:
                 task = await self._tasks.create(
                     request,
                     account=self._account,
-                    look_up_first=row is not None,
+                    look_up_first=look_up_first,
                     before_post=self._check_credit,
                     on_refused=self._refused,
                 )

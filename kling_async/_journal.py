@@ -4,11 +4,30 @@ One row per input index: its fingerprint (so a different input is caught), the
 `external_task_id` fixed before its first submit, its state (``pending`` = may have
 been sent, ``submitted`` = task id known, ``finished``), and the last task and error.
 
+What a journal guarantees:
+
+- One owner. `Journal.open` takes SQLite's own lock on the file (``locking_mode =
+  EXCLUSIVE``, taken at once with ``BEGIN EXCLUSIVE`` and no busy wait) and keeps it until
+  `Journal.close`, so a second run on a journal in use, in this process or another, is
+  refused before it sends anything (a `ValidationError` naming the file). The lock is the
+  operating system's: a run that dies (even ``kill -9``) leaves none behind. Like every
+  POSIX lock it is the process's: code in the owning process that opens and closes the
+  journal file by other means releases it.
+- A durable ``pending`` row. WAL mode with ``synchronous=FULL``: a write returns once it
+  is on the disk, so the row saying an item is about to be sent survives even a power
+  loss. Exclusive locking mode is set before WAL mode, so no ``-shm`` file is needed.
+- A resume looks up before it submits. The batch id (and so every item's external id,
+  ``kling-batch-<batch id>-<index>``) is written to the main database file, fsynced,
+  before WAL mode is switched on and before any item is sent, so even a copy of the file
+  without its ``-wal`` (or an OS crash that lost the rest) keeps it. A journal that
+  existed before this open is a resume (`Journal.resumed`): the batch looks every item it
+  has not finished up by its external id before a POST, row or no row. A journal this
+  open created looks nothing up.
+
 All SQLite work runs on one worker thread, so the event loop never waits on the
 disk. Writes are group-committed: every write made while a commit is running joins
-the next one, and a writer's ``await`` returns only once its row is committed. WAL
-mode with ``synchronous=NORMAL`` keeps committed rows through a ``kill -9`` (the OS
-has them) at a fraction of the cost of an fsync per row.
+the next one, and a writer's ``await`` returns only once its row is committed, so one
+fsync serves every writer in it.
 
 A journal also remembers the service it was written against (the client's base URL),
 so a rerun against another one says so instead of failing every unfinished row with a
@@ -52,6 +71,9 @@ SCHEMA_VERSION: Final = "1"
 PENDING: Final = "pending"
 SUBMITTED: Final = "submitted"
 FINISHED: Final = "finished"
+#: SQLite's result code for a lock held by another connection (`sqlite3.SQLITE_BUSY`,
+#: which Python 3.10 lacks).
+_SQLITE_BUSY: Final = 5
 
 _SCHEMA: Final = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -172,9 +194,14 @@ class Journal:
         connection: sqlite3.Connection,
         batch_id: str,
         executor: ThreadPoolExecutor,
+        *,
+        resumed: bool = False,
     ) -> None:
         self.path = path
         self.batch_id = batch_id
+        #: Whether the journal existed before this open (its batch id was not made now):
+        #: a resumed batch looks every unfinished item up before submitting it.
+        self.resumed = resumed
         self._db = connection
         self._executor = executor
         self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
@@ -186,26 +213,29 @@ class Journal:
         """Open (or create) the journal file at `path` for a client of `service`.
 
         Args:
-            path: the journal file; a missing or empty file becomes a new journal.
+            path: the journal file; a missing or empty file becomes a new journal. It is
+                held (locked) until `close`.
             service: the base URL of the service the batch talks to. A new journal
                 records it; an existing one must have been written against the same
                 service (a journal from before this check gets it recorded now).
 
         Raises:
-            ValidationError: the file is not a journal, comes from an incompatible
-                version, or was written against another service (each named).
+            ValidationError: the file is in use by another run (held by another open
+                journal, in this process or another), is not a journal, comes from an
+                incompatible version, or was written against another service (each
+                named).
         """
         path = Path(path)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kling-journal")
         loop = asyncio.get_running_loop()
         try:
-            connection, batch_id = await loop.run_in_executor(
+            connection, batch_id, created = await loop.run_in_executor(
                 executor, _connect, path, service_of(service)
             )
         except BaseException:
             executor.shutdown(wait=False)
             raise
-        return cls(path, connection, batch_id, executor)
+        return cls(path, connection, batch_id, executor, resumed=not created)
 
     def external_id(self, index: int) -> str:
         """The external task id of item `index`: fixed by the batch id, so a rerun agrees."""
@@ -295,7 +325,7 @@ class Journal:
         )
 
     async def close(self) -> None:
-        """Finish pending writes and close the file."""
+        """Finish pending writes and close the file, which releases it for another run."""
         if self._closed:
             return
         self._closed = True
@@ -322,18 +352,37 @@ def service_of(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme.lower(), netloc, parts.path.rstrip("/"), "", ""))
 
 
-def _connect(path: Path, service: str) -> tuple[sqlite3.Connection, str]:
+def _connect(path: Path, service: str) -> tuple[sqlite3.Connection, str, bool]:
+    """The open connection, holding the file's lock; its batch id; whether it was created."""
     try:
-        connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # timeout=0: a journal held by another run is refused at once, not waited for.
+        connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
     except sqlite3.Error as error:
         raise ValidationError("journal", f"{path} cannot be opened ({error})") from None
     try:
-        connection.execute("BEGIN IMMEDIATE")
-        batch_id = _check_or_create(connection, path, service)
+        # Before the first access: the lock taken below is then kept until close, and WAL
+        # mode keeps its index in memory (no -shm file, which another run could share).
+        connection.execute("PRAGMA locking_mode=EXCLUSIVE")
+        try:
+            connection.execute("BEGIN EXCLUSIVE")
+        except sqlite3.OperationalError as error:
+            if not _is_busy(error):
+                raise
+            raise ValidationError(
+                "journal",
+                f"{path} is in use by another run (SQLite: {error}; a program that has "
+                "the file open holds it too); a journal has one run at a time: wait for "
+                "that run to end, or use another journal file",
+            ) from None
+        batch_id, created = _check_or_create(connection, path, service)
+        # In rollback mode (a new file is not in WAL mode yet), with SQLite's default
+        # synchronous=FULL: the batch id is in the main file, fsynced, before any item
+        # is sent, so a copy of the file without its -wal still resumes the same batch.
         connection.execute("COMMIT")
         # Outside the transaction: SQLite cannot change the journal mode inside one.
         connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")
+        # Every commit fsyncs the WAL: a "pending" row is on the disk before its POST.
+        connection.execute("PRAGMA synchronous=FULL")
     except sqlite3.DatabaseError as error:
         connection.close()
         raise ValidationError(
@@ -342,11 +391,20 @@ def _connect(path: Path, service: str) -> tuple[sqlite3.Connection, str]:
     except BaseException:
         connection.close()
         raise
-    return connection, batch_id
+    return connection, batch_id, created
 
 
-def _check_or_create(connection: sqlite3.Connection, path: Path, service: str) -> str:
-    """The journal's batch id, after checking the file is one of ours for `service`."""
+def _is_busy(error: sqlite3.OperationalError) -> bool:
+    """Whether SQLite refused for a lock another connection holds (SQLITE_BUSY)."""
+    code = getattr(error, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return bool(code & 0xFF == _SQLITE_BUSY)
+    return "database is locked" in str(error)
+
+
+def _check_or_create(connection: sqlite3.Connection, path: Path, service: str) -> tuple[str, bool]:
+    """The journal's batch id, after checking the file is one of ours for `service`, and
+    whether this call created it (a new journal) rather than found it (a resume)."""
     tables = {
         row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
     }
@@ -371,7 +429,7 @@ def _check_or_create(connection: sqlite3.Connection, path: Path, service: str) -
             "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
             [("batch_id", batch_id), ("schema_version", SCHEMA_VERSION), ("service", service)],
         )
-        return batch_id
+        return batch_id, True
     version = meta.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ValidationError(
@@ -389,7 +447,7 @@ def _check_or_create(connection: sqlite3.Connection, path: Path, service: str) -
             f"{path} was written against {recorded}, this client talks to {service}; "
             "use a new journal or the same service",
         )
-    return meta["batch_id"]
+    return meta["batch_id"], False
 
 
 def _name_the_file(error: BaseException, path: Path) -> None:
