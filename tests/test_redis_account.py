@@ -9,10 +9,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 from redis_server import RedisServer
 
 from kling_async import APIConnectionError, ConfigurationError, Task, TaskStatus
+from kling_async._account import Claim
 from kling_async.redis import RedisAccount
 
 
@@ -20,8 +22,10 @@ def running(task_id: str, ext: str = "") -> Task:
     return Task(task_id, TaskStatus.PROCESSING, external_task_id=ext or None)
 
 
-def done(task_id: str) -> Task:
-    return Task(task_id, TaskStatus.SUCCEED)
+def done(task_id: str, ext: str = "") -> Task:
+    # A task seen finished by a poll carries its external id: how another process's
+    # `finished` finds the slot (the create wrote nothing more than its take).
+    return Task(task_id, TaskStatus.SUCCEED, external_task_id=ext or None)
 
 
 async def nobody(_: str) -> Task | None:
@@ -29,8 +33,20 @@ async def nobody(_: str) -> Task | None:
 
 
 @pytest.fixture
-def name() -> str:
-    return f"test-{uuid.uuid4().hex[:8]}"
+def name(redis_url: str) -> str:
+    """A fresh account name, already in use: a new name's first take waits one lease
+    (Redis cannot tell it from a restart that lost the data), which has its own test."""
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    seed(redis_url, name)
+    return name
+
+
+def seed(redis_url: str, name: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.set(f"kling:{{{name}}}:epoch", "seeded")
+    finally:
+        client.close()
 
 
 @pytest.fixture
@@ -75,10 +91,11 @@ async def test_concurrent_acquires_from_two_processes_never_pass_the_limit(
         slot = await account.acquire(f"ext-{index}", nobody)
         holding += 1
         peak = max(peak, holding)
-        await account.created(slot, running(f"task-{index}"))
+        await account.created(slot, running(f"task-{index}", f"ext-{index}"))
         await asyncio.sleep(0.005)
         holding -= 1
-        await (two, one)[index % 2].finished(done(f"task-{index}"))  # seen by the other
+        # Seen by the other: it finds the slot by the task's external id.
+        await (two, one)[index % 2].finished(done(f"task-{index}", f"ext-{index}"))
 
     await asyncio.gather(*(create(i) for i in range(30)))
     assert peak == 3
@@ -277,10 +294,13 @@ async def test_a_dead_holders_slots_come_free_only_once_their_tasks_finish(
 
 async def test_a_dead_claimers_claim_expires(accounts: Callable[..., RedisAccount]) -> None:
     dead = accounts(lease=0.2)
-    assert await dead.claim("job-1") is None
+    assert await dead.claim("job-1") == Claim()
     await dead.aclose()
     alive = accounts(lease=0.2)
-    assert await asyncio.wait_for(alive.claim("job-1"), 10) is None
+    taken_over = await asyncio.wait_for(alive.claim("job-1"), 10)
+    # Its holder may have sent the create before it died: the taker looks it up first.
+    assert taken_over.task is None
+    assert taken_over.maybe_since is not None and taken_over.maybe_since >= 0.6
 
 
 async def test_four_processes_claiming_one_id_create_one_task(
@@ -291,7 +311,7 @@ async def test_four_processes_claiming_one_id_create_one_task(
 
     async def create(account: RedisAccount) -> Task:
         nonlocal creates
-        existing = await account.claim("same-id")
+        existing = (await account.claim("same-id")).task
         if existing is not None:
             return existing
         creates += 1
@@ -310,12 +330,12 @@ async def test_a_failed_create_lets_the_next_claimer_create(
     accounts: Callable[..., RedisAccount],
 ) -> None:
     one, two = accounts(), accounts()
-    assert await one.claim("retry-me") is None
+    assert await one.claim("retry-me") == Claim()
     second = asyncio.ensure_future(two.claim("retry-me"))
     await asyncio.sleep(0.05)
     assert not second.done()
     await one.settle("retry-me", None)
-    assert await asyncio.wait_for(second, 10) is None  # now it is the second's to create
+    assert await asyncio.wait_for(second, 10) == Claim()  # now the second's to create
 
 
 def _closed_port() -> int:
@@ -345,6 +365,7 @@ async def test_redis_down_raises_a_connection_error_naming_redis_not_the_passwor
         # A finished task's slot is given back best effort: raising would make the task
         # look failed, and a job queue would create it again. Its lease runs out instead.
         await account.finished(done("task"))
+        await account.aclose()  # waits for the give-back, which failed
         assert f"Redis at 127.0.0.1:{port}" in caplog.text
         assert "s3cret-pw" not in caplog.text
     finally:
@@ -419,8 +440,12 @@ async def test_slots_are_put_back_after_redis_loses_its_data(
                 return await raw.hlen(f"kling:{{{name}}}:leases") == 2
 
             await until(restored, "the holder put its leases back")
-            await account.finished(done("task-0"))
-            assert await raw.hlen(f"kling:{{{name}}}:leases") == 1
+            await account.finished(done("task-0"))  # given back in the background
+
+            async def given_back() -> bool:
+                return await raw.hlen(f"kling:{{{name}}}:leases") == 1
+
+            await until(given_back, "the finished task's slot given back")
         finally:
             await raw.aclose()
     finally:
