@@ -19,6 +19,7 @@ __all__ = [
     "FaultPlan",
     "connection_gone",
     "drop_connection",
+    "hold",
     "interruptible_sleep",
     "parse_kind",
     "parse_target",
@@ -250,6 +251,24 @@ async def interruptible_sleep(
         await asyncio.sleep(min(left, _WATCH_INTERVAL))
 
 
+async def hold(delay: float, closing: asyncio.Event | None) -> bool:
+    """Sleep `delay` seconds whether or not the client stays; `False` if `closing` got set
+    first (at once when it already is), else `True`.
+
+    A queueing gateway's hold: unlike `interruptible_sleep` it outlives the client.
+    """
+    if closing is None:
+        await asyncio.sleep(delay)
+        return True
+    if closing.is_set():
+        return False
+    try:
+        await asyncio.wait_for(closing.wait(), delay)
+    except asyncio.TimeoutError:
+        return True
+    return False
+
+
 async def serve_api_fault(
     request: web.BaseRequest,
     fault: Fault,
@@ -267,11 +286,13 @@ async def serve_api_fault(
         return await drop_connection(request)
     if answer is None:  # not reached: the faults above are the only ones served early
         return await drop_connection(request)
-    if kind is FaultKind.SLOW:
+    if kind in (FaultKind.SLOW, FaultKind.HOLD):  # the handlers serve HOLD themselves
         await interruptible_sleep(fault.delay, closing, request)
         return answer
     if kind is FaultKind.HTML:
         return web.Response(body=PROXY_PAGE, status=200, content_type="text/html")
+    if kind is FaultKind.EMPTY_DATA:
+        return envelope(0, data=None)
     body = answer.body if isinstance(answer.body, bytes) else b""
     if kind is FaultKind.TRUNCATED:
         return web.Response(body=body[: len(body) // 2], content_type="application/json")
@@ -297,9 +318,11 @@ async def serve_files_fault(
         )
     if kind in (FaultKind.DROP_BEFORE, FaultKind.DROP_AFTER):
         return await drop_connection(request)
-    if kind is FaultKind.SLOW:
+    if kind in (FaultKind.SLOW, FaultKind.HOLD):
         await interruptible_sleep(fault.delay, closing, request)
         return None
     if kind is FaultKind.HTML:
         return web.Response(body=PROXY_PAGE, status=200, content_type="text/html")
+    if kind is FaultKind.EMPTY_DATA:
+        return web.Response(body=b"", status=200, content_type="video/mp4")
     return None

@@ -18,6 +18,8 @@ from ._faults import (
     Fault,
     FaultPlan,
     connection_gone,
+    drop_connection,
+    hold,
     interruptible_sleep,
     serve_api_fault,
     serve_files_fault,
@@ -44,6 +46,7 @@ class Settings(Protocol):
     time_spread: float
     failure_rate: float
     file_size: int
+    refuse_duplicate_external_ids: bool
 
 
 class Handlers:
@@ -84,6 +87,13 @@ class Handlers:
         self._on_request = on_request
         self._on_created = on_created
         self._in_flight: dict[int, web.BaseRequest] = {}  # by id(): requests are unhashable
+        self._holds: set[asyncio.Task[web.Response | None]] = set()
+
+    async def close(self) -> None:
+        """Wait for held creates (`"hold"` faults) to end; call once `closing` is set,
+        which cuts them short without creating their tasks."""
+        while self._holds:
+            await asyncio.gather(*self._holds, return_exceptions=True)
 
     # -- the API server -------------------------------------------------------------------
 
@@ -159,10 +169,36 @@ class Handlers:
         fault = self._take_fault(target)
         if fault is not None and fault.kind in PRE_FAULTS:
             return await serve_api_fault(request, fault, None, self._closing())
+        if fault is not None and fault.kind is FaultKind.HOLD:
+            if target is FaultTarget.CREATE:
+                return await self._hold_create(request, fault.delay, answer)
+            await interruptible_sleep(fault.delay, self._closing(), request)  # then look
+            return answer()
         response = answer()
         if fault is not None:
             return await serve_api_fault(request, fault, response, self._closing())
         return response
+
+    async def _hold_create(
+        self, request: web.Request, delay: float, answer: Callable[[], web.Response]
+    ) -> web.StreamResponse:
+        """A queueing gateway: process the create after `delay` seconds, client or not.
+
+        The hold runs in a task of its own, so that it ends (creating the task) even if
+        aiohttp cancels this handler; the client gets the answer if it is still there.
+        """
+        held = asyncio.ensure_future(self._held(delay, answer))
+        self._holds.add(held)
+        held.add_done_callback(self._holds.discard)
+        response = await asyncio.shield(held)
+        if response is None:  # the simulator is closing: the gateway forwards nothing
+            return await drop_connection(request)
+        return response
+
+    async def _held(self, delay: float, answer: Callable[[], web.Response]) -> web.Response | None:
+        if not await hold(delay, self._closing()):
+            return None
+        return answer()
 
     async def _handle_create(self, request: web.Request) -> web.StreamResponse:
         self._settings.counters.creates += 1
@@ -209,6 +245,14 @@ class Handlers:
         create = read_create(payload)
         if isinstance(create, str):
             return envelope(1201, create)
+        external = create.external_task_id
+        if (
+            settings.refuse_duplicate_external_ids
+            and external is not None
+            and external in store.by_external
+        ):
+            counters.rejected_duplicates += 1
+            return envelope(1201, "external_task_id already exists")
         parent = store.parent(create.video_id, now)
         if isinstance(parent, str):
             return envelope(1201, parent)
@@ -223,6 +267,9 @@ class Handlers:
             time_spread=settings.time_spread,
         )
         counters.tasks_created += 1
+        running = store.running(now)
+        if running > counters.peak_running_tasks:
+            counters.peak_running_tasks = running
         if task.external_task_id is not None:
             by_external = counters.creates_by_external_id
             by_external[task.external_task_id] = by_external.get(task.external_task_id, 0) + 1

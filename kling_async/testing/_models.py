@@ -14,6 +14,7 @@ __all__ = [
     "Counters",
     "FaultKind",
     "FaultTarget",
+    "LiveCounters",
     "RecordedRequest",
     "SimTask",
     "SimVideo",
@@ -36,6 +37,18 @@ class FaultKind(str, enum.Enum):
             on the files server it behaves like `SHORT_BODY`.
         SHORT_BODY: `Content-Length` announces the full body but the connection closes after
             half of it (meant for the files server; on the API it cuts the envelope).
+        HOLD: a gateway that queues the request: a create gets no answer for `delay`
+            seconds (the connection stays open), and only then is it processed and its
+            task created, even when the client has timed out and gone meanwhile (a look-up
+            during the hold answers 404/1203). A client still connected then gets the
+            normal answer. On gets, lists and files the answer is worked out and sent
+            after `delay` (like `SLOW`, cut short when the client goes). `delay` is real
+            time, whatever the simulator's clock; closing the simulator cuts a hold short
+            (a create then creates nothing and its connection is closed). Not in
+            `ALL_FAULT_KINDS`.
+        EMPTY_DATA: HTTP 200 `{"code": 0, "message": "SUCCEED", "data": null}` (a create
+            creates its task first; a get or list answers no data); on the files server an
+            empty 200 body. Not in `ALL_FAULT_KINDS`.
     """
 
     SERVER_ERROR = "500"
@@ -48,10 +61,27 @@ class FaultKind(str, enum.Enum):
     HTML = "html"
     TRUNCATED = "truncated"
     SHORT_BODY = "short_body"
+    HOLD = "hold"
+    EMPTY_DATA = "empty_data"
 
 
-ALL_FAULT_KINDS: tuple[FaultKind, ...] = tuple(FaultKind)
-"""Every fault kind, the default of `Simulator.set_fault_rate`."""
+_NOT_BY_DEFAULT = frozenset({FaultKind.HOLD, FaultKind.EMPTY_DATA})
+
+ALL_FAULT_KINDS: tuple[FaultKind, ...] = tuple(k for k in FaultKind if k not in _NOT_BY_DEFAULT)
+"""Every fault kind but `HOLD` and `EMPTY_DATA`, the default of `Simulator.set_fault_rate`.
+
+Ask for those two by name: `set_fault_rate(..., kinds=[*ALL_FAULT_KINDS, "hold"])`.
+
+`HOLD` is left out because a held create makes its task after the client gave up on it
+(by design, as a queueing gateway does), so whether a client that looks up and creates
+again meanwhile ends with two tasks depends on its retry timing against `delay`: in the
+default mix that would make "one task per input" checks pass or fail by timing, and each
+hold keeps a connection open `delay` seconds (2 s by default).
+
+`EMPTY_DATA` is left out because tests built on this default expect every faulted poll
+to be retried or recovered, and an answer that says success but carries no task is a
+different failure, to be asked for on purpose.
+"""
 
 
 class FaultTarget(str, enum.Enum):
@@ -75,8 +105,15 @@ class Counters:
         creates_by_external_id: tasks created per `external_task_id`.
         peak_concurrent_requests: most API requests in progress at once.
         concurrent_requests: API requests in progress now.
+        peak_running_tasks: most tasks running at once (a task runs from its creation
+            until it finishes, on its own or by `Simulator.finish_task`), by the
+            simulator's clock: the running tasks are counted at every task creation, the
+            only moments the number can grow. After `reset` it starts from the tasks
+            running then. (`Simulator.running_tasks` gives the number now.)
         rejected_1303: creates answered 429/1303 (over `running_limit`).
         rejected_1102: creates answered 429/1102 (no `credit` left).
+        rejected_duplicates: creates answered 400/1201 because their `external_task_id`
+            already named a task (with `Simulator.refuse_duplicate_external_ids`).
         auth_failures: requests answered 401.
         gets: get-one requests received.
         lists: list requests received.
@@ -93,8 +130,10 @@ class Counters:
     creates_by_external_id: dict[str, int] = dataclasses.field(default_factory=dict)
     peak_concurrent_requests: int = 0
     concurrent_requests: int = 0
+    peak_running_tasks: int = 0
     rejected_1303: int = 0
     rejected_1102: int = 0
+    rejected_duplicates: int = 0
     auth_failures: int = 0
     gets: int = 0
     lists: int = 0
@@ -110,7 +149,8 @@ class Counters:
         return {key: n for key, n in self.creates_by_external_id.items() if n > 1}
 
     def reset(self) -> None:
-        """Zero every counter (requests in progress stay counted in `concurrent_requests`)."""
+        """Zero every counter (requests in progress stay counted in `concurrent_requests`,
+        and `peak_running_tasks` starts from the tasks running now)."""
         in_flight = self.concurrent_requests
         for field in dataclasses.fields(self):
             if field.name == "creates_by_external_id":
@@ -119,12 +159,35 @@ class Counters:
                 setattr(self, field.name, 0)
         self.concurrent_requests = in_flight
         self.peak_concurrent_requests = in_flight
+        self.peak_running_tasks = self._running_now()
 
     def as_dict(self) -> dict[str, Any]:
         """A plain-dict snapshot of every counter."""
         data = dataclasses.asdict(self)
         data["duplicate_external_ids"] = self.duplicate_external_ids
         return data
+
+    def _running_now(self) -> int:
+        """Tasks running now, where `reset` starts `peak_running_tasks` from (none known
+        here; a simulator's counters ask its tasks)."""
+        return 0
+
+
+class LiveCounters(Counters):
+    """The `Counters` of a simulator: `reset` asks `running` for the tasks running now.
+
+    Not a dataclass of its own, so `dataclasses.fields`, `asdict` and `as_dict` see
+    exactly the counters of `Counters`.
+    """
+
+    __slots__ = ("_running",)
+
+    def __init__(self, running: Callable[[], int]) -> None:
+        super().__init__()
+        self._running = running
+
+    def _running_now(self) -> int:
+        return self._running()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

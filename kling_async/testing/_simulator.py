@@ -30,6 +30,7 @@ from ._models import (
     TERMINAL_STATUSES,
     CallbackDelivery,
     Counters,
+    LiveCounters,
     RecordedRequest,
     SimTask,
     SimVideo,
@@ -94,6 +95,13 @@ class Simulator:
             so a task finishes on time across a restart. `counters` count the current run,
             except `creates_by_external_id` (and `duplicate_external_ids`), which start
             from the remembered tasks.
+        refuse_duplicate_external_ids: when true, a create whose `external_task_id`
+            already names a task is answered HTTP 400, code 1201, message
+            `"external_task_id already exists"`, and creates nothing (as Kling's newer API
+            does; counted in `counters.rejected_duplicates`). It is checked once the body
+            is found valid, after the `credit` and `running_limit` checks. Default false:
+            every create makes a task, and `counters.duplicate_external_ids` shows which
+            ids got more than one.
 
     Attributes:
         submit_time: see Args (changes apply to tasks created afterwards).
@@ -105,6 +113,7 @@ class Simulator:
         file_size: see Args.
         latency: see Args (may be changed at any time).
         drop_callbacks: when true, callbacks are silently not sent (lost callbacks).
+        refuse_duplicate_external_ids: see Args (may be changed at any time).
         counters: what the simulator has seen.
         clock: see Args.
 
@@ -135,6 +144,7 @@ class Simulator:
         clock: Clock | None = None,
         time_spread: float = 0.0,
         state_path: str | os.PathLike[str] | None = None,
+        refuse_duplicate_external_ids: bool = False,
     ) -> None:
         if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
             raise ValueError("prefix must be '' or start with '/' and not end with '/'")
@@ -169,7 +179,8 @@ class Simulator:
         self.file_size = file_size
         self.latency = latency
         self.drop_callbacks = False
-        self.counters = Counters()
+        self.refuse_duplicate_external_ids = refuse_duplicate_external_ids
+        self.counters: Counters = LiveCounters(self._running_now)
 
         self._store = TaskStore(seed=seed, video_url=self.video_url, clock=self._clock)
         fault_seed = None if seed is None else f"kling-sim-faults-{seed}"
@@ -258,6 +269,10 @@ class Simulator:
             )
             if saved is not None:
                 self._restore(saved)
+                counters = self.counters
+                counters.peak_running_tasks = max(
+                    counters.peak_running_tasks, self._store.running(self._clock())
+                )
             self._may_save = self._state_path is not None
             self._api_runner, self._api_port = await serve_app(
                 self._handlers.api_app(self._prefix),
@@ -287,7 +302,9 @@ class Simulator:
         """Stop both servers, cancel pending callbacks, close the HTTP session, and save
         the state (with `state_path`).
 
-        Slow (`"slow"` fault) answers in progress are cut short. Closing twice is fine.
+        Slow (`"slow"` fault) answers in progress are cut short, and so are held creates
+        (`"hold"` fault): they create no task and their connections are closed. Closing
+        twice is fine.
         """
         if self._state in ("new", "closed"):
             self._state = "closed"
@@ -311,6 +328,7 @@ class Simulator:
             self._unwatch = None
         if self._closing is not None:
             self._closing.set()
+        await self._handlers.close()
         for runner in (self._api_runner, self._files_runner):
             if runner is not None:
                 await runner.cleanup()
@@ -419,6 +437,9 @@ class Simulator:
         """Tasks not finished now (what `running_limit` is compared with)."""
         return self._on_loop(lambda: self._store.running(self._clock()))
 
+    def _running_now(self) -> int:
+        return self._on_loop(lambda: self._store.running(self._clock()))
+
     @property
     def pending_faults(self) -> int:
         """Requests still to be faulted by `inject`."""
@@ -444,12 +465,13 @@ class Simulator:
         Args:
             kind: a `FaultKind` (or its value: `"500"`, `"503"`, `"504"`, `"429"`,
                 `"drop_before"`, `"drop_after"`, `"slow"`, `"html"`, `"truncated"`,
-                `"short_body"`).
+                `"short_body"`, `"hold"`, `"empty_data"`).
             on: `"create"`, `"get"`, `"list"`, `"files"` or `"any"`.
             times: how many requests get it.
             retry_after: seconds for the `Retry-After` header of `"429"` (written with `%g`,
                 so fractions such as `0.2` stay fractions).
-            delay: seconds a `"slow"` answer is held back.
+            delay: seconds a `"slow"` answer is held back, and a `"hold"` request held
+                (real time, whatever the `clock`).
 
         Raises:
             ValueError: for an unknown kind or target, or a bad number.
@@ -467,7 +489,8 @@ class Simulator:
     ) -> None:
         """Fault a random fraction `rate` of the requests matching `on` (seeded).
 
-        Each faulted request gets a kind drawn from `kinds`. Injected faults take
+        Each faulted request gets a kind drawn from `kinds` (by default every kind but
+        `"hold"` and `"empty_data"`, see `ALL_FAULT_KINDS`). Injected faults take
         precedence. A rate set for `on` replaces the previous one; `rate=0` removes it;
         a rate for `"any"` applies to targets without their own.
         """
