@@ -120,6 +120,8 @@ MIN_LEASE: Final = 0.1
 #: A create already queued for a slot (or waiting on another's claim) keeps waiting
 #: through a Redis outage this long, in seconds, before failing.
 OUTAGE_WAIT: Final = 60.0
+#: One Redis call may take this share of the client's timeout (and at most a lease).
+IO_SHARE: Final = 0.8
 #: `aclose` waits this long at most for background give-backs, in seconds.
 CLOSE_WAIT: Final = 5.0
 #: A give-back that failed is retried at renewals for this many leases.
@@ -413,7 +415,8 @@ return {epoch, gone, lost, math.max(1, math.floor(limit)), low or 0, high or 0}
 """
 )
 
-# KEYS[18]: the id's settled record. ARGV 5-6: ext claim_ms.
+# KEYS[18]: the id's settled record. ARGV 5-7: ext claim_ms adopt ('1': a claim of this
+# process found here was granted to a call that timed out, so nothing was sent with it).
 # Returns {'task', doc} | {'wait', epoch} | {'mine', epoch, maybe_since_ms (-1: none)}.
 _CLAIM = (
     _PRELUDE
@@ -424,8 +427,13 @@ local since = -1
 local v = redis.call('HGET', KEYS[16], ARGV[5])
 if v then
   local owner, expiry, renewed = string.match(v, '^([^|]*)|([^|]*)|([^|]*)$')
-  if tonumber(expiry) > now then return {'wait', epoch} end
-  since = now - tonumber(renewed)  -- its holder stopped renewing: it may have sent
+  if owner == ME and ARGV[7] == '1' then
+    since = -1
+  elseif tonumber(expiry) > now then
+    return {'wait', epoch}
+  else
+    since = now - tonumber(renewed)  -- its holder stopped renewing: it may have sent
+  end
 end
 if quiet then return {'wait', epoch} end
 if settled and string.sub(settled, 1, 2) == 'm:' then
@@ -604,7 +612,9 @@ class RedisAccount(Account):
         )
 
     def _io_timeout(self) -> float:
-        return max(0.05, min(IO_TIMEOUT.get(), self.lease))
+        # A share of the client's timeout: an unanswered call is reported as Redis's
+        # fault before the create's own deadline (often the same timeout) fires.
+        return max(0.05, min(IO_TIMEOUT.get() * IO_SHARE, self.lease))
 
     async def _bounded(self, call: Coroutine[Any, Any, _T]) -> _T:
         """One Redis call, bounded by the client's timeout (at most a lease).
@@ -936,7 +946,7 @@ class RedisAccount(Account):
             "w": [waiter.id for waiter in self._waiters],
             "d": list(self._drops),
             "c": sorted(self._claims),
-            "x": list(self._dropped_claims),
+            "x": [ext for ext in self._dropped_claims if self._orphaned(ext)],
         }
         epoch, gone, lost, limit, low, high = await self._call(
             self._renew_script, [orjson.dumps(document).decode()]
@@ -1020,7 +1030,11 @@ class RedisAccount(Account):
                 try:
                     answer = await self._call(
                         self._claim_script,
-                        [external_task_id, self._lease_ms * CLAIM_LEASES],
+                        [
+                            external_task_id,
+                            self._lease_ms * CLAIM_LEASES,
+                            "1" if self._orphaned(external_task_id) else "0",
+                        ],
                         key,
                     )
                 except APIConnectionError:
@@ -1048,7 +1062,7 @@ class RedisAccount(Account):
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(event.wait(), min(CLAIM_POLL, self._tick))
         except BaseException:
-            if first is False and external_task_id not in self._claims:
+            if external_task_id not in self._claims:
                 # A claim call that timed out may still be granted later: drop it then.
                 self._dropped_claims[external_task_id] = (
                     time.monotonic() + DROP_LEASES * CLAIM_LEASES * self.lease
@@ -1056,6 +1070,10 @@ class RedisAccount(Account):
             raise
         finally:
             self._claim_waits.pop(external_task_id, None)
+
+    def _orphaned(self, external_task_id: str) -> bool:
+        # A claim call of this process timed out, and no create of ours holds the id.
+        return external_task_id in self._dropped_claims and external_task_id not in self._claims
 
     async def settle(
         self, external_task_id: str, task: Task | None, *, maybe_created: bool = False

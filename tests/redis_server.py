@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["RedisServer", "redis_server", "redis_url"]
+__all__ = ["RedisServer", "own_redis_server", "redis_server", "redis_url"]
 
 
 def find_redis_server() -> str:
@@ -109,6 +110,16 @@ class RedisServer:
         self.stop()
         self.start()
 
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open, nothing is answered (a stalled host)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after `pause`."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
+
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
@@ -121,6 +132,19 @@ def redis_server() -> Iterator[RedisServer]:
             yield server
         finally:
             server.stop()
+
+
+@pytest.fixture
+def own_redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, to pause, kill and restart."""
+    binary = find_redis_server()
+    with tempfile.TemporaryDirectory(prefix="kling-redis-") as directory:
+        server = RedisServer(binary, directory)
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()  # SIGKILL ends a stopped process too
 
 
 @pytest.fixture

@@ -3,7 +3,11 @@
     python tests/redis_worker.py CONFIG_JSON
 
 CONFIG: redis, name, base_url, api_key, max_running (or null), lease, items
-([external_task_id, video_id] pairs), hold (create only, print, then wait to be killed).
+([external_task_id, video_id] pairs), hold (create only, print, then wait to be killed);
+optional: timeout (the client's, default 10), wait (extend_and_wait's, default 60),
+attempts (runs of a job failing on Redis, as a job queue's redelivery; default 10),
+linger (seconds to keep the account open after the items, default 0).
+Warnings (the account's) go to stderr.
 Prints one JSON line per item: {"ext", "task_id", "status"} or {"ext", "error"}.
 """
 
@@ -34,20 +38,21 @@ async def main(config: dict[str, Any]) -> None:
         api_key=config["api_key"],
         base_url=config["base_url"],
         poll=poll,
-        timeout=10.0,
+        timeout=config.get("timeout", 10.0),
         account=account,  # type: ignore[call-arg]
     ) as kling:
 
         async def one(ext: str, video: str) -> None:
             request = ExtendRequest(video, "继续", external_task_id=ext)
-            for attempt in range(10):  # what a job queue's redelivery would do
+            attempts = config.get("attempts", 10)
+            for attempt in range(attempts):  # what a job queue's redelivery would do
                 try:
                     if config.get("hold"):
                         task = await kling.extend(request)
                     else:
-                        task = await kling.extend_and_wait(request, timeout=60)
+                        task = await kling.extend_and_wait(request, timeout=config.get("wait", 60))
                 except APIConnectionError as error:
-                    if "Redis" not in str(error) or attempt == 9:
+                    if "Redis" not in str(error) or attempt == attempts - 1:
                         say(ext=ext, error=str(error))
                         return
                     await asyncio.sleep(0.2)
@@ -59,6 +64,7 @@ async def main(config: dict[str, Any]) -> None:
         if config.get("hold"):
             say(held=True)
             await asyncio.Event().wait()  # until killed
+        await asyncio.sleep(config.get("linger", 0))  # its account still open
     await account.aclose()
 
 
