@@ -7,15 +7,16 @@ the limit instead of learning it from 1303 answers one request at a time.
 
 The create-and-wait layer (`kling_async._tasks`) drives an account like this::
 
-    existing = await account.claim(external_id)  # only for a caller-given id
-    if existing is not None:
-        return existing  # another create with this id made it: nothing is sent
+    claim = await account.claim(external_id)  # only for a caller-given id
+    if claim.task is not None:
+        return claim.task  # another create with this id made it: nothing is sent
+    # claim.maybe_since: an earlier create of this id may have reached the service
     slot = await account.acquire(external_id, lookup)  # waits, FIFO, cancellable
-    POST ...
+    POST ...  (the slot is *creating*: no check of anyone's may free it)
         1303    -> await account.refused(slot, retry_after); slot = await account.acquire(...)
         created -> await account.created(slot, task)  # the slot now holds task.task_id
         failed  -> await account.release(slot, maybe_created=...)
-    await account.settle(external_id, task_or_none)
+    await account.settle(external_id, task_or_none, maybe_created=...)
     ... later, whoever sees the task finished: await account.finished(task)
 
 `InMemoryAccount` keeps the slots of one process; `kling_async.redis.RedisAccount`
@@ -36,11 +37,13 @@ from typing import Final
 
 import attrs
 
+from kling_async import _protocol
 from kling_async._config import is_int_in
+from kling_async._deadlines import IO_TIMEOUT
 from kling_async._models import Task
 from kling_async.errors import ConfigurationError
 
-__all__ = ["Account", "AccountSlot", "InMemoryAccount", "Lookup"]
+__all__ = ["IO_TIMEOUT", "Account", "AccountSlot", "Claim", "InMemoryAccount", "Lookup"]
 
 logger = logging.getLogger("kling_async")
 
@@ -56,6 +59,19 @@ REFUSED_WAIT_CAP: Final = 30.0
 SETTLED_MEMORY: Final = 10_000
 
 
+@attrs.frozen
+class Claim:
+    """What `Account.claim` knows of an external task id before its create."""
+
+    #: An earlier create of this id made this task: return it and send nothing.
+    task: Task | None = None
+    #: Seconds ago an earlier create of this id may have reached the service without its
+    #: outcome being known (it ended ambiguously, its holder died, or its claim was lost):
+    #: a look-up's "no such task" proves nothing until that request can no longer arrive.
+    #: None: nothing is known against a fresh create.
+    maybe_since: float | None = None
+
+
 @attrs.define(eq=False)
 class AccountSlot:
     """One running-task slot, from `Account.acquire` until its task is seen finished."""
@@ -66,6 +82,10 @@ class AccountSlot:
     task_id: str | None = None
     #: The implementation's own handle (a lease id in Redis).
     token: str = ""
+    #: True from `Account.acquire` until `created`, `refused` or `release`: its create is
+    #: under way in a live process, so no check (the account's own, another process's)
+    #: may look it up and free it, however long the create takes.
+    creating: bool = True
 
 
 class Account(abc.ABC):
@@ -102,19 +122,27 @@ class Account(abc.ABC):
 
     @abc.abstractmethod
     async def finished(self, task: Task) -> None:
-        """`task` was seen finished (a poll, a callback, `get_task`): free its slot."""
+        """`task` was seen finished (a poll, a callback, `get_task`): free its slot.
+
+        Never waits on I/O: the caller's wait has its answer and must not be delayed or
+        failed by the bookkeeping (a job queue would run a failed job again)."""
 
     @abc.abstractmethod
-    async def claim(self, external_task_id: str) -> Task | None:
+    async def claim(self, external_task_id: str) -> Claim:
         """Claim a caller-given external task id before creating its task.
 
-        Returns None when this caller now owns the id (and must `settle` it), or the task
-        an earlier create with the same id made (waiting while that create is running).
+        Returns a `Claim` without a task when this caller now owns the id (and must
+        `settle` it), or with the task an earlier create with the same id made (waiting
+        while that create is running).
         """
 
     @abc.abstractmethod
-    async def settle(self, external_task_id: str, task: Task | None) -> None:
-        """End a claim: with the task created, or None when the create failed."""
+    async def settle(
+        self, external_task_id: str, task: Task | None, *, maybe_created: bool = False
+    ) -> None:
+        """End a claim: with the task created, or None when the create failed; with
+        `maybe_created` the failed create may have reached the service, and the next
+        claim of the id says so (`Claim.maybe_since`)."""
 
     async def aclose(self) -> None:  # noqa: B027 - optional for implementations
         """Release what the account holds open (connections, background tasks)."""
@@ -131,6 +159,18 @@ class _Held:
     maybe_created: bool = False
     #: A look-up of its task is under way (`RedisAccount` checks concurrently).
     checking: bool = False
+
+    @property
+    def creating(self) -> bool:
+        """Its create is under way: never looked up, never freed by a check."""
+        return self.slot.creating
+
+    def ambiguous(self) -> None:
+        """Its create ended without a task but may have reached the service: look it up
+        once a request it sent can no longer arrive (`_protocol.absence_settle`)."""
+        self.slot.creating = False
+        self.maybe_created = True
+        self.seen = time.monotonic() + _protocol.absence_settle() - CHECK_AFTER
 
 
 class InMemoryAccount(Account):
@@ -224,6 +264,7 @@ class InMemoryAccount(Account):
         if held is None:
             return
         slot.task_id = task.task_id
+        slot.creating = False
         held.seen = time.monotonic()
         held.maybe_created = False
         if task.is_terminal:
@@ -240,6 +281,7 @@ class InMemoryAccount(Account):
             # Everyone else holding a slot is a running task the account accepted.
             self._limit = float(max(1, len(self._held) - 1))
             self._slow_start = False
+        slot.creating = False
         self._free(slot)  # our own slot freeing is not the news we wait for
         if self._freed is None:
             self._freed = asyncio.get_running_loop().create_future()
@@ -254,10 +296,10 @@ class InMemoryAccount(Account):
         if held is None:
             return
         if not maybe_created:
+            slot.creating = False
             self._free(slot)
             return
-        held.maybe_created = True
-        held.seen = float("-inf")  # look it up at the next check
+        held.ambiguous()
         self._start_checking()
 
     async def finished(self, task: Task) -> None:
@@ -278,7 +320,7 @@ class InMemoryAccount(Account):
             await asyncio.sleep(min(1.0, CHECK_AFTER / 4))
             now = time.monotonic()
             for held in list(self._held.values()):
-                if now - held.seen >= CHECK_AFTER:
+                if not held.creating and now - held.seen >= CHECK_AFTER:
                     held.seen = now
                     await self._check(held)
 
@@ -297,20 +339,24 @@ class InMemoryAccount(Account):
 
     # -- exactly once ------------------------------------------------------------------------
 
-    async def claim(self, external_task_id: str) -> Task | None:
+    async def claim(self, external_task_id: str) -> Claim:
+        # An earlier ambiguous create of the id in this process is remembered by the
+        # create layer itself (it needs that without an account too): no `maybe_since`.
         while True:
             known = self._settled.get(external_task_id)
             if known is not None:
-                return known
+                return Claim(known)
             running = self._claims.get(external_task_id)
             if running is None:
                 self._claims[external_task_id] = asyncio.get_running_loop().create_future()
-                return None
+                return Claim()
             task = await asyncio.shield(running)
             if task is not None:
-                return task
+                return Claim(task)
 
-    async def settle(self, external_task_id: str, task: Task | None) -> None:
+    async def settle(
+        self, external_task_id: str, task: Task | None, *, maybe_created: bool = False
+    ) -> None:
         running = self._claims.pop(external_task_id, None)
         if task is not None:
             self._settled[external_task_id] = task

@@ -207,7 +207,7 @@ class Batch:
         journal = self._journal
         row = None
         print_ = fingerprint(request) if journal is not None else ""
-        external_id = request.external_task_id
+        external_id = original_id = request.external_task_id
         if journal is not None:
             row = await journal.load(index)
             if row is not None and row.fingerprint != print_:
@@ -251,8 +251,14 @@ class Batch:
             if journal is not None and row is None:
                 await record(PENDING)  # durable before the POST (synchronous=FULL)
             # A resumed journal may have lost rows (a copy without its -wal, an OS crash):
-            # any item it has not finished may have been sent, row or no row.
-            look_up_first = journal is not None and (row is not None or journal.resumed)
+            # any item it has not finished may have been sent, row or no row. An id the
+            # journal made for a fresh run cannot have been used; any other id may have
+            # (the caller's own: the default rule of `Tasks.create` looks it up).
+            look_up_first = (
+                row is not None or journal.resumed
+                if journal is not None and external_id != original_id
+                else None
+            )
             try:
                 task = await self._tasks.create(
                     request,

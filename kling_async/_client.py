@@ -149,16 +149,23 @@ class KlingClient:
         The client sets `external_task_id` (a UUID) when the request has none, and after
         a failure that may have reached the service (timeout, dropped connection, 5xx, a
         garbled answer) it looks the task up by that id before it submits again, so a
-        retry never creates (and bills) a second task. With an `account`, it first takes
-        a running-task slot (waiting while none is free), and a caller-given
-        `external_task_id` already created through the account returns that task.
+        retry never creates (and bills) a second task. A caller-given `external_task_id`
+        may have been used before (a job run again): it is looked up before the first
+        POST, and while one create of it runs in this process a second one waits for it
+        and returns its task. See the Guarantees page.
+
+        With an `account`, it first takes a running-task slot, waiting while none is
+        free (1303 answers included) for at most the client's `timeout`.
 
         Returns:
             The new task, carrying the `external_task_id` that was sent.
+
+        Raises:
+            RateLimitError: the account stayed full (1303) for the whole `timeout`.
         """
         if not isinstance(request, ExtendRequest):
             raise ValidationError("request", "must be an ExtendRequest", request)
-        return await self._tasks.create(request)
+        return await self._tasks.create(request, slot_timeout=self._tasks.transport.seconds)
 
     async def extend_video(
         self,

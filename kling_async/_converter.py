@@ -360,8 +360,11 @@ def parse_task(
     answer leaves it out.
 
     Raises:
-        ResponseFormatError: a field of the wrong shape, naming its path.
+        ResponseFormatError: a field of the wrong shape, naming its path; an envelope
+            with no ``data`` at all names no path: it is transient, as a garbled body is.
     """
+    if data is None and root == "data":
+        raise ResponseFormatError("the answer's envelope holds no task (data is null)")
     try:
         return _task(data, root, request_id, external_task_id)
     except _Bad as bad:

@@ -10,10 +10,17 @@ passes a cancellation on.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable
 from typing import TypeVar
 
 T = TypeVar("T")
+
+#: The longest one I/O call of an account may take (a Redis round trip): the timeout of
+#: the client whose create makes the call, set by the create layer around its calls.
+IO_TIMEOUT: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "kling_account_io_timeout", default=10.0
+)
 
 
 async def within(awaitable: Awaitable[T], timeout: float | None) -> T:

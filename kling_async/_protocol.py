@@ -35,6 +35,27 @@ from kling_async.errors import (
 EXTEND_PATH: Final = "/v1/videos/video-extend"
 #: The longest wait a ``Retry-After`` header can impose on us.
 RETRY_AFTER_CAP: Final = 60.0
+#: The shortest wait between two POSTs of one create after a 429 (1302, 1303): Kling
+#: asks for at least a second, whatever a ``Retry-After`` says.
+MIN_WAIT_AFTER_429: Final = 1.0
+#: After a create failed in a way the service may still act on (a timeout, a dropped
+#: connection, a 5xx: a gateway may deliver a queued request after we gave up on it), a
+#: look-up's "no such task" proves the task absent only once this many seconds have
+#: passed since the failure ended. See the Guarantees page.
+ABSENCE_SETTLE: Final = 10.0
+
+_settle = [ABSENCE_SETTLE]
+
+
+def absence_settle() -> float:
+    """Seconds after an ambiguous failure before "no such task" proves absence."""
+    return _settle[0]
+
+
+def set_absence_settle(seconds: float) -> float:
+    """Change `absence_settle` (the test mode shortens it); returns the old value."""
+    old, _settle[0] = _settle[0], seconds
+    return old
 
 
 class CodeRule(NamedTuple):
@@ -260,6 +281,20 @@ def is_task_absent(error: BaseException) -> bool:
     says nothing about the task, so it must never be a reason to create one again.
     """
     return isinstance(error, NotFoundError) and error.code == TASK_NOT_FOUND_CODE
+
+
+def is_duplicate_refusal(error: BaseException) -> bool:
+    """Whether a create was refused because its ``external_task_id`` already names a task.
+
+    Kling's newer API answers 400 with code 1201 and a message saying the id exists;
+    gateways word it differently or answer 409. The task exists: look it up, never fail.
+    """
+    if not isinstance(error, APIStatusError) or error.status not in (400, 409):
+        return False
+    text = error.message.lower()
+    return error.status == 409 or (
+        "external" in text and any(word in text for word in ("exist", "duplicat", "already"))
+    )
 
 
 def is_concurrency_limit(error: BaseException) -> bool:

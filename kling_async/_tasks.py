@@ -14,9 +14,13 @@ retry; the slot is freed when anyone sees the task finished.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import random
+import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final
 
@@ -25,7 +29,7 @@ import backoff
 
 from kling_async import _protocol
 from kling_async._converter import parse_task, request_body
-from kling_async._deadlines import within
+from kling_async._deadlines import IO_TIMEOUT, within
 from kling_async._hooks import call_back
 from kling_async._models import ExtendRequest, PollPolicy, Task, TaskStatus
 from kling_async._transport import Transport
@@ -33,12 +37,21 @@ from kling_async._types import CallbackSource, OnUpdate
 from kling_async.errors import (
     APITimeoutError,
     KlingError,
+    RateLimitError,
+    ResponseFormatError,
     TaskFailedError,
     WaitTimeoutError,
 )
 
 if TYPE_CHECKING:  # the accounts load only when one is used
     from kling_async._account import Account, AccountSlot
+
+
+def _retrieve(future: asyncio.Future[Task]) -> None:
+    # Nobody may be waiting for a create's outcome: it is not an unretrieved error.
+    if not future.cancelled():
+        future.exception()
+
 
 logger = logging.getLogger("kling_async")
 
@@ -51,47 +64,140 @@ def _retry_unless_full(error: BaseException) -> bool:
     return _protocol.is_retryable(error) and not _protocol.is_concurrency_limit(error)
 
 
-class _Create:
-    """One create's tries: POST, or, after an ambiguous failure, look up first."""
+#: What one create knows of its external id: nothing was sent that the service may have
+#: acted on (a POST may go out) ...
+_FRESH: Final = 0
+#: ... a request may have reached the service without its outcome being known (look the
+#: id up first; "no such task" proves absence only `absence_settle` after the failure) ...
+_MAYBE: Final = 1
+#: ... the service acted on a create (2xx, code 0) but its answer held no usable task, or
+#: refused the id as taken: the task exists, only look-ups are sent from now on.
+_CREATED: Final = 2
 
-    __slots__ = ("before_post", "body", "external_id", "maybe_created", "send")
+#: External ids (per service) whose create ended without a task after a request that the
+#: service may still act on, with the monotonic time from which "no such task" is proof.
+#: Process-wide and kept across calls and clients: a job queue that runs a failed job
+#: again in this process gets the look-up and the settle time it needs.
+_SUSPECT: collections.OrderedDict[tuple[str, str], float] = collections.OrderedDict()
+_SUSPECT_MEMORY: Final = 10_000
+#: Creates in flight per event loop, by (service, external id): a second create of the
+#: same id waits for the first and shares its outcome.
+_FLIGHTS: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[str, str], asyncio.Future[Task]]
+] = weakref.WeakKeyDictionary()
+
+
+def _suspect(key: tuple[str, str], trust_at: float) -> None:
+    _SUSPECT[key] = max(trust_at, _SUSPECT.pop(key, trust_at))
+    while len(_SUSPECT) > _SUSPECT_MEMORY:
+        _SUSPECT.popitem(last=False)
+
+
+class _Create:
+    """One create's state machine (fresh, maybe created, created) and its tries."""
+
+    __slots__ = ("before_post", "body", "external_id", "limited_at", "send", "state", "trust_at")
 
     def __init__(
         self,
         send: Any,
         body: dict[str, Any],
         external_id: str,
-        look_up: bool,
         before_post: Callable[[], None] | None,
     ) -> None:
         self.send = send
         self.body = body
         self.external_id = external_id
-        self.maybe_created = look_up
         self.before_post = before_post
+        self.state = _FRESH
+        #: `time.monotonic()` from which a "no such task" answer proves absence.
+        self.trust_at = 0.0
+        #: When a POST of this create was last answered 429 (1302, 1303).
+        self.limited_at: float | None = None
+
+    @property
+    def maybe_created(self) -> bool:
+        return self.state != _FRESH
+
+    def suspect(self, trust_at: float = 0.0) -> None:
+        """The id may have been used: look it up before any POST; trust "absent" from
+        `trust_at` on (0: at once, as for an id nothing is known against)."""
+        if self.state == _FRESH:
+            self.state = _MAYBE
+        self.trust_at = max(self.trust_at, trust_at)
+
+    def _ambiguous(self) -> None:
+        self.suspect(time.monotonic() + _protocol.absence_settle())
 
     async def attempt(self, method: str, path: str) -> Task:
-        if self.maybe_created:
-            try:
-                data, request_id = await self.send("GET", _protocol.task_path(self.external_id))
-            except KlingError as error:
-                if not _protocol.is_task_absent(error):
-                    raise
-                self.maybe_created = False
-            else:
-                logger.info("task with external_task_id %s already exists", self.external_id)
-                return self._task(data, request_id)
+        while self.state != _FRESH:
+            task = await self._look_up()
+            if task is not None:
+                return task
+            if self.state == _CREATED:
+                raise ResponseFormatError(
+                    "the service accepted the create, but its answer held no task and a "
+                    f"look-up by external_task_id {self.external_id} finds none yet"
+                )
+            wait = self.trust_at - time.monotonic()
+            if wait <= 0:
+                self.state = _FRESH
+                break
+            # A request we gave up on may still be queued at a gateway: look again once
+            # it can no longer arrive, and only then believe "no such task".
+            logger.info(
+                "no task with external_task_id %s yet; looking again in %.1f s before submitting",
+                self.external_id,
+                wait,
+            )
+            await asyncio.sleep(wait)
+        if self.limited_at is not None:
+            await asyncio.sleep(self.limited_at + _protocol.MIN_WAIT_AFTER_429 - time.monotonic())
         if self.before_post is not None:
             self.before_post()
         try:
             data, request_id = await self.send(method, path, self.body)
         except KlingError as error:
             if _protocol.may_have_been_processed(error):
-                self.maybe_created = True
+                self._ambiguous()
+            elif _protocol.is_duplicate_refusal(error):
+                logger.info("external_task_id %s is taken: looking its task up", self.external_id)
+                self.state = _CREATED
+                task = await self._look_up()
+                if task is not None:
+                    return task
+            elif isinstance(error, RateLimitError):
+                self.limited_at = time.monotonic()
             raise
         except asyncio.CancelledError:
-            self.maybe_created = True  # the request may be on its way
+            self._ambiguous()  # the request may be on its way
             raise
+        try:
+            return self._task(data, request_id)
+        except ResponseFormatError:
+            # A 2xx with code 0: the service made the task. Never POST again; find it.
+            logger.warning(
+                "the service accepted the create of %s but its answer held no usable "
+                "task; looking it up",
+                self.external_id,
+            )
+            self.state = _CREATED
+        task = await self._look_up()
+        if task is None:
+            raise ResponseFormatError(
+                "the service accepted the create, but its answer held no task and a "
+                f"look-up by external_task_id {self.external_id} finds none yet"
+            )
+        return task
+
+    async def _look_up(self) -> Task | None:
+        try:
+            data, request_id = await self.send("GET", _protocol.task_path(self.external_id))
+        except KlingError as error:
+            if _protocol.is_task_absent(error):
+                return None
+            raise
+        logger.info("task with external_task_id %s already exists", self.external_id)
         return self._task(data, request_id)
 
     def _task(self, data: Any, request_id: str | None) -> Task:
@@ -134,42 +240,111 @@ class Tasks:
         request: ExtendRequest,
         *,
         account: Account | None = None,
-        look_up_first: bool = False,
+        look_up_first: bool | None = None,
         slot_timeout: float | None = None,
         before_post: Callable[[], None] | None = None,
         on_refused: Callable[[], None] | None = None,
     ) -> Task:
         """Create the task of `request` exactly once.
 
+        In this process, one create per external id runs at a time: a second one waits
+        for the first and shares its outcome (the task, or the error).
+
         Args:
             request: what to create.
             account: the account's slots to use (default: the client's account, if any).
-            look_up_first: look the task up by its external id before the first POST (a
-                resumed batch item, whose earlier run may have created it).
-            slot_timeout: the longest wait for a running-task slot (None: no limit).
+            look_up_first: look the task up by its external id before the first POST.
+                Default: when the request carries its own id (it may have been used);
+                False only for an id nobody can have used (a fresh journal's).
+            slot_timeout: the longest wait for a running-task slot, 1303 answers
+                included (None: no limit); past it a create refused with 1303 raises
+                that `RateLimitError`.
             before_post: called before every POST; raising stops the create unsent.
             on_refused: called on every 1303 answer the account handles.
         """
         body = request_body(request)
+        given = request.external_task_id is not None
         external_id: str = request.external_task_id or uuid.uuid4().hex
         body["external_task_id"] = external_id
-        create = _Create(self.transport.send, body, external_id, look_up_first, before_post)
+        key = (self.transport.base_url, external_id)
+        create = _Create(self.transport.send, body, external_id, before_post)
+        if look_up_first if look_up_first is not None else given:
+            create.suspect()
+        if not given:
+            return await self._create(key, create, account, False, slot_timeout, on_refused)
+        loop = asyncio.get_running_loop()
+        flights = _FLIGHTS.setdefault(loop, {})
+        while (running := flights.get(key)) is not None:
+            logger.info("external_task_id %s is being created: waiting for it", external_id)
+            try:
+                return await asyncio.shield(running)
+            except asyncio.CancelledError:
+                if not running.cancelled():
+                    raise  # we were cancelled, not the create we waited for
+        future: asyncio.Future[Task] = loop.create_future()
+        future.add_done_callback(_retrieve)
+        flights[key] = future
+        try:
+            task = await self._create(key, create, account, True, slot_timeout, on_refused)
+        except asyncio.CancelledError:
+            future.cancel()  # whoever waits tries for itself
+            raise
+        except BaseException as error:
+            future.set_exception(error)
+            raise
+        else:
+            future.set_result(task)
+            return task
+        finally:
+            del flights[key]
+
+    async def _create(
+        self,
+        key: tuple[str, str],
+        create: _Create,
+        account: Account | None,
+        given: bool,
+        slot_timeout: float | None,
+        on_refused: Callable[[], None] | None,
+    ) -> Task:
+        trust_at = _SUSPECT.get(key)
+        if trust_at is not None:
+            create.suspect(trust_at)
         account = account or self.account
-        if account is None:
-            return await self.transport.retrying(create.attempt, "POST", _protocol.EXTEND_PATH)
-        claimed = request.external_task_id is not None
-        if claimed:
-            existing = await account.claim(external_id)
-            if existing is not None:
-                logger.info("external_task_id %s was created by another call", external_id)
-                return existing
+        token = IO_TIMEOUT.set(self.transport.seconds)
         task: Task | None = None
         try:
-            task = await self._create_in(account, create, slot_timeout, on_refused)
+            if account is None:
+                task = await self.transport.retrying(create.attempt, "POST", _protocol.EXTEND_PATH)
+                return task
+            if given:
+                claim = await account.claim(create.external_id)
+                if claim.task is not None:
+                    logger.info(
+                        "external_task_id %s was created by another call", create.external_id
+                    )
+                    task = claim.task
+                    return task
+                if claim.maybe_since is not None:
+                    create.suspect(
+                        time.monotonic() - claim.maybe_since + _protocol.absence_settle()
+                    )
+            try:
+                task = await self._create_in(account, create, slot_timeout, on_refused)
+            finally:
+                if given:
+                    await account.settle(
+                        create.external_id,
+                        task,
+                        maybe_created=task is None and create.maybe_created,
+                    )
+            return task
         finally:
-            if claimed:
-                await account.settle(external_id, task)
-        return task
+            IO_TIMEOUT.reset(token)
+            if task is not None:
+                _SUSPECT.pop(key, None)
+            elif create.maybe_created:
+                _suspect(key, create.trust_at)
 
     async def _create_in(
         self,
@@ -178,7 +353,10 @@ class Tasks:
         slot_timeout: float | None,
         on_refused: Callable[[], None] | None,
     ) -> Task:
-        slot: AccountSlot | None = await self._acquire(account, create, slot_timeout)
+        loop = asyncio.get_running_loop()
+        deadline = None if slot_timeout is None else loop.time() + slot_timeout
+        refusal: KlingError | None = None
+        slot: AccountSlot | None = await self._acquire(account, create, deadline, refusal)
         try:
             while True:
                 try:
@@ -195,10 +373,17 @@ class Tasks:
                     if on_refused is not None:
                         on_refused()
                     # A 1303 proves this POST created nothing; an earlier ambiguous try
-                    # is still remembered in `create.maybe_created` (looked up first).
-                    held, slot = slot, None
-                    await account.refused(held, getattr(error, "retry_after", None))
-                    slot = await self._acquire(account, create, slot_timeout)
+                    # is still remembered in `create.state` (looked up first).
+                    held, slot, refusal = slot, None, error
+                    if deadline is not None and loop.time() >= deadline:
+                        await account.release(held, maybe_created=create.maybe_created)
+                        raise
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await within(
+                            account.refused(held, getattr(error, "retry_after", None)),
+                            None if deadline is None else deadline - loop.time(),
+                        )
+                    slot = await self._acquire(account, create, deadline, refusal)
                     continue
                 assert slot is not None
                 held, slot = slot, None
@@ -209,13 +394,20 @@ class Tasks:
                 await account.release(slot, maybe_created=create.maybe_created)
 
     async def _acquire(
-        self, account: Account, create: _Create, timeout: float | None
+        self,
+        account: Account,
+        create: _Create,
+        deadline: float | None,
+        refusal: KlingError | None,
     ) -> AccountSlot:
+        remaining = None if deadline is None else deadline - asyncio.get_running_loop().time()
         try:
-            return await within(account.acquire(create.external_id, self.lookup), timeout)
+            return await within(account.acquire(create.external_id, self.lookup), remaining)
         except asyncio.TimeoutError:
+            if refusal is not None:
+                raise refusal from None  # refused (1303) until the time ran out
             raise APITimeoutError(
-                f"no running-task slot of the account came free within {timeout:g} s",
+                f"no running-task slot of the account came free within {remaining:g} s",
                 method="POST",
                 path=_protocol.EXTEND_PATH,
                 sent=False,

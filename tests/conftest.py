@@ -8,13 +8,19 @@ from collections.abc import AsyncIterator
 import pytest
 
 from kling_async import KlingClient, PollPolicy
-from kling_async.testing import Simulator
+from kling_async.testing import Simulator, set_testing
 from tests.callback_receiver import Receiver, serve_receiver
 
 pytest_plugins = ["kling_async.testing.pytest_plugin", "redis_server"]
 
 #: Polls fast enough that tests spend their time on behaviour, not on waiting.
 FAST_POLL = PollPolicy(initial=0.02, factor=1.5, max_interval=0.1)
+
+
+@pytest.fixture(autouse=True)
+def _testing_mode() -> None:
+    # Short settle after ambiguous failures; tests of the settle itself set their own.
+    set_testing(True)
 
 
 @pytest.fixture(autouse=True)

@@ -163,8 +163,10 @@ async def test_drop_before_creates_then_submits_after_404(sim: Simulator) -> Non
     sim.inject("drop_before", on="create")
     async with KlingClient(api_key=sim.api_key, base_url=sim.base_url) as kling:
         task = await kling.extend(REQUEST)
-    lookups = [r for r in sim.recent_requests if r.method == "GET"]
-    assert [r.path for r in lookups] == [f"/v1/videos/video-extend/{task.external_task_id}"]
+    # Looked up (again, if the first look came before the dropped request could no
+    # longer arrive) before the create is sent again.
+    lookups = [r.path for r in sim.recent_requests if r.method == "GET"]
+    assert lookups and set(lookups) == {f"/v1/videos/video-extend/{task.external_task_id}"}
     assert sim.counters.creates == 2 and sim.counters.tasks_created == 1
 
 

@@ -9,6 +9,7 @@ against the simulator.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -256,17 +257,22 @@ async def test_a_stored_no_credit_error_is_replayed_as_stored_then_retried(
 # -- a failed commit: the error surfaces, nothing is half-written, a rerun recovers -------------
 
 
-def fail_writes(path: Path, when: str, message: str = "database or disk is full") -> None:
-    """From another connection, make the journal's writes fail as a full disk would."""
-    with sqlite3.connect(path) as db:
-        db.execute(
-            f"CREATE TRIGGER fail_writes BEFORE INSERT ON items WHEN {when} "
-            f"BEGIN SELECT RAISE(ABORT, '{message}'); END"
-        )
+def failing_trigger(when: str, message: str = "database or disk is full") -> str:
+    return (
+        f"CREATE TRIGGER fail_writes BEFORE INSERT ON items WHEN {when} "
+        f"BEGIN SELECT RAISE(ABORT, '{message}'); END"
+    )
+
+
+def fail_writes(path: Path, when: str) -> None:
+    """From another connection (closed after: a journal has one owner), make the journal's
+    writes fail as a full disk would."""
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(failing_trigger(when))
 
 
 def allow_writes(path: Path) -> None:
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
         db.execute("DROP TRIGGER fail_writes")
 
 
@@ -277,7 +283,8 @@ async def test_a_failed_commit_fails_every_writer_in_it_and_keeps_nothing(
     journal = await Journal.open(path, service=SERVICE)
     try:
         await record(journal, 0, SUBMITTED, task=RUNNING)
-        fail_writes(path, "NEW.idx = 3")
+        # Through the journal's own connection: it holds the file while open.
+        await journal._run(lambda db: db.execute(failing_trigger("NEW.idx = 3")))
         # Five writers in one group commit; one of them cannot be written.
         outcomes = await asyncio.gather(
             *(record(journal, i, FINISHED, task=STEP) for i in range(1, 6)),
@@ -341,7 +348,7 @@ async def test_a_batch_whose_journal_write_fails_stops_and_a_rerun_creates_nothi
         fail_writes(path, "NEW.idx = 2 AND NEW.state = 'submitted'")
         with pytest.raises(sqlite3.IntegrityError, match="disk is full"):
             await collect(kling.extend_many(requests(6), journal=path, concurrency=2))
-        with sqlite3.connect(path) as db:
+        with contextlib.closing(sqlite3.connect(path)) as db:
             states = dict(db.execute("SELECT idx, state FROM items").fetchall())
         assert states[2] == PENDING  # the last state that was committed, not half of one
         assert sim.task_by_external_id(f"kling-batch-{batch_id(path)}-2") is not None
@@ -354,7 +361,7 @@ async def test_a_batch_whose_journal_write_fails_stops_and_a_rerun_creates_nothi
 
 
 def batch_id(path: Path) -> str:
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db:
         return str(db.execute("SELECT value FROM meta WHERE key = 'batch_id'").fetchone()[0])
 
 
@@ -385,7 +392,7 @@ async def test_a_journal_of_another_format_is_refused_by_name(tmp_path: Path) ->
     journal = await Journal.open(path, service=SERVICE)
     await record(journal, 0, PENDING)
     await journal.close()
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
         db.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     with pytest.raises(ValidationError) as caught:
         await Journal.open(path, service=SERVICE)
@@ -432,7 +439,7 @@ async def test_an_incompatible_journal_stops_a_batch_before_any_request(
     path = tmp_path / "old.journal"
     journal = await Journal.open(path, service=sim.base_url)
     await journal.close()
-    with sqlite3.connect(path) as db:
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
         db.execute("UPDATE meta SET value = '0' WHERE key = 'schema_version'")
     with pytest.raises(ValidationError, match=r"old\.journal was written by an incompatible"):
         await collect(client.extend_many(requests(3), journal=path))

@@ -20,9 +20,13 @@ From synchronous code use `with Simulator().run_in_thread() as sim: ...`; pytest
 enable the `kling_simulator` and `kling_env` fixtures with
 `pytest_plugins = ["kling_async.testing.pytest_plugin"]`. Run it stand-alone with
 `python -m kling_async.testing --port 8765`.
+
+`set_testing(True)` shortens the client's waits that exist only for real networks (see
+its docstring), as stamina's test mode does.
 """
 
 from ._clock import ManualClock
+from ._mode import set_testing
 from ._models import (
     ALL_FAULT_KINDS,
     CallbackDelivery,
@@ -48,4 +52,5 @@ __all__ = [
     "SimTask",
     "SimVideo",
     "Simulator",
+    "set_testing",
 ]

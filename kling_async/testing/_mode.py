@@ -1,0 +1,29 @@
+"""The client's test mode: waits that exist for real networks, shortened for tests."""
+
+from __future__ import annotations
+
+from kling_async import _protocol
+
+__all__ = ["set_testing"]
+
+#: How long "no such task" takes to become proof in test mode (see `set_testing`).
+TESTING_ABSENCE_SETTLE = 0.1
+
+
+def set_testing(testing: bool, *, absence_settle: float = TESTING_ABSENCE_SETTLE) -> None:
+    """Switch the client's test mode on or off, for the whole process (as stamina's).
+
+    After a create failed in a way the service may still act on (a timeout, a dropped
+    connection, a 5xx), the client trusts a look-up's "no such task" only once the
+    failed request can no longer arrive: `kling_async._protocol.ABSENCE_SETTLE` seconds
+    (10) after the failure. Against the simulator, which never delivers a request late
+    unless told to (the ``"hold"`` fault), that wait only slows tests down: test mode
+    shortens it to `absence_settle` seconds. Everything else behaves as in production.
+
+    Args:
+        testing: True to switch test mode on, False to go back to the production values.
+        absence_settle: the settle time in test mode, in seconds.
+    """
+    if absence_settle < 0:
+        raise ValueError("absence_settle must not be negative")
+    _protocol.set_absence_settle(absence_settle if testing else _protocol.ABSENCE_SETTLE)
