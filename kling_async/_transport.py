@@ -118,6 +118,9 @@ class Transport:
         self._semaphore = asyncio.Semaphore(max_in_flight)
         self._session = session
         self._owns_session = session is None
+        # Downloads go to result hosts (a CDN) through a session of their own that carries
+        # nothing: no auth, default headers, cookies or middlewares of a caller's session.
+        self._download_session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._headers: dict[str, str] = {}
@@ -158,6 +161,17 @@ class Transport:
             )
         return self._session
 
+    def download_session(self) -> aiohttp.ClientSession:
+        """The bare session downloads use (created on first use; see `session`)."""
+        self.session()  # the closed and event-loop checks
+        if self._download_session is None:
+            self._download_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.max_in_flight),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                timeout=self.timeout,
+            )
+        return self._download_session
+
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._loop is None:
             self._loop = loop
@@ -167,7 +181,9 @@ class Transport:
         self._closed = True
         if self._owns_session and self._session is not None:
             _close_without_loop(self._session)
-        self._session = None
+        if self._download_session is not None:
+            _close_without_loop(self._download_session)
+        self._session = self._download_session = None
         raise RuntimeError(
             "this KlingClient belongs to the event loop it first ran in and cannot be used "
             "from another one (e.g. a second asyncio.run()); create one client per loop, "
@@ -183,12 +199,15 @@ class Transport:
             return
         self._closed = True
         session, self._session = self._session, None
-        if not self._owns_session or session is None:
-            return
-        if self._loop is not None and asyncio.get_running_loop() is not self._loop:
-            _close_without_loop(session)
-        else:
-            await session.close()
+        downloads, self._download_session = self._download_session, None
+        other_loop = self._loop is not None and asyncio.get_running_loop() is not self._loop
+        for owned in (session if self._owns_session else None, downloads):
+            if owned is None:
+                continue
+            if other_loop:
+                _close_without_loop(owned)
+            else:
+                await owned.close()
 
     # -- one attempt -------------------------------------------------------------------
 
