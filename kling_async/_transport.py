@@ -253,7 +253,9 @@ class Transport:
                     _log(method, path, type(failure).__name__, None, None, started)
                 raise failure from None
         try:
-            decoded = _protocol.decode_envelope(status, response_headers, payload)
+            decoded = _protocol.decode_envelope(
+                status, response_headers, payload, self._auth.secrets()
+            )
         except KlingError as error:
             if debug:
                 code = getattr(error, "code", None)
