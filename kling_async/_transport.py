@@ -28,7 +28,12 @@ from yarl import URL
 
 from kling_async import _protocol
 from kling_async._auth import Auth
-from kling_async.errors import APIConnectionError, APITimeoutError, KlingError
+from kling_async.errors import (
+    APIConnectionError,
+    APITimeoutError,
+    KlingError,
+    ResponseFormatError,
+)
 
 T = TypeVar("T")
 
@@ -43,6 +48,12 @@ RETRY_BASE: Final = 0.5
 RETRY_CAP: Final = 8.0
 
 _JSON_HEADERS: Final = {"Accept": "application/json"}
+
+#: The largest answer body read from the API (a page of 500 tasks is well under 1 MB).
+#: A bigger one is refused without reading past this many bytes (a broken or hostile
+#: server must not fill the memory): `ResponseFormatError`, retried as a garbled answer.
+MAX_ANSWER_BYTES: Final = 4 * 1024 * 1024
+_READ_SIZE: Final = 64 * 1024
 
 
 class ExactWait(float):
@@ -244,7 +255,7 @@ class Transport:
                     allow_redirects=False,
                     **self._per_request,
                 ) as response:
-                    payload = await response.read()
+                    payload = await _read_capped(response, method, path)
                     status = response.status
                     response_headers = response.headers
             except (asyncio.TimeoutError, aiohttp.ClientError) as error:
@@ -327,6 +338,34 @@ class Transport:
             return await attempt(*args)
 
         return run
+
+
+async def _read_capped(response: aiohttp.ClientResponse, method: str, path: str) -> bytes:
+    """The body, or `ResponseFormatError` as soon as it passes `MAX_ANSWER_BYTES`.
+
+    A `Content-Length` over the cap is refused unread; a body of unknown or compressed
+    size is read in chunks and refused at the first byte past the cap.
+    """
+    length = response.content_length
+    compressed = "Content-Encoding" in response.headers
+    if length is not None and length <= MAX_ANSWER_BYTES and not compressed:
+        return await response.read()
+    if length is None or compressed:
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await response.content.read(_READ_SIZE):
+            size += len(chunk)
+            if size > MAX_ANSWER_BYTES:
+                break
+            chunks.append(chunk)
+        else:
+            return b"".join(chunks)
+    # Leaving `async with` closes the connection with the rest unread.
+    raise ResponseFormatError(
+        f"{method} {path}: the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB; "
+        "refused without reading the rest",
+        status=response.status,
+    )
 
 
 def _log(

@@ -33,7 +33,7 @@ from kling_async._cli._runtime import (
     run_async,
     run_with_client,
 )
-from kling_async._client import MAX_PAGE_SIZE, KlingClient
+from kling_async._client import MAX_PAGE, MAX_PAGE_SIZE, KlingClient
 from kling_async._models import Task
 from kling_async.errors import TaskFailedError, WaitTimeoutError
 
@@ -211,7 +211,7 @@ def wait(task_id: str, timeout: float, as_json: bool, client: ClientOptions) -> 
 
 
 @cli.command("list", short_help="List your tasks, newest first.")
-@click.option("--page", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--page", type=click.IntRange(1, MAX_PAGE), default=1, show_default=True)
 @click.option("--page-size", type=click.IntRange(1, MAX_PAGE_SIZE), default=30, show_default=True)
 @click.option("--all", "all_pages", is_flag=True, help="Every page, not just --page.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one task per line.")
