@@ -75,6 +75,17 @@ def invoke() -> Iterator[Invoke]:
         assert SECRET not in result.stderr
 
 
+@pytest.fixture(autouse=True)
+def examples(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of examples/ per test: a batch keeps its journal beside its input."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("examples") / "examples"
+    shutil.copytree(ROOT / "examples", copy)
+    monkeypatch.setattr(sys.modules[__name__], "EXAMPLES", copy)
+    return copy
+
+
 @pytest.fixture
 def no_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No Kling settings in the environment at all."""
@@ -754,6 +765,35 @@ def test_readme_sample_batch_runs_against_the_built_in_simulator(
     assert len(files) == 8
     assert all(Path(row["file"]).exists() for row in rows.values())
     assert "built-in simulator" in result.stderr
+    journal = EXAMPLES / "batch.jsonl.journal.sqlite"
+    assert f"journal: {journal}" in result.stderr
+
+    # The same command again: nothing new is created, the files are the same videos.
+    again = invoke("batch", EXAMPLES / "batch.jsonl", "--simulate=auto", "--download", "downloads/")
+    assert again.exit_code == 0, again.stderr
+    assert "rows finished before come from it" in again.stderr
+    rows_again = by_row(again.stdout)
+    assert {r["task"]["task_id"] for r in rows_again.values()} == {
+        r["task"]["task_id"] for r in rows.values()
+    }
+    assert sorted((tmp_path / "downloads").iterdir()) == files
+    assert all(f.read_bytes()[4:8] == b"ftyp" for f in files)
+
+
+def test_batch_no_journal_and_stdin_keep_none(
+    invoke: Invoke, kling_env: Simulator, tmp_path: Path
+) -> None:
+    source = tmp_path / "rows.jsonl"
+    source.write_text((EXAMPLES / "batch.jsonl").read_text().splitlines()[0] + "\n")
+    assert invoke("batch", source, "--no-journal", *FAST).exit_code == 0
+    assert invoke("batch", "-", *FAST, input=source.read_text()).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
+    assert kling_env.counters.tasks_created == 2
+    first = invoke("batch", source, *FAST)
+    second = invoke("batch", source, *FAST)
+    assert kling_env.counters.tasks_created == 3
+    assert "journal:" in first.stderr and "come from it" in second.stderr
+    assert invoke("batch", source, "--no-journal", "--journal", "j").exit_code == 2
 
 
 def test_batch_with_a_wrong_key_stops_at_the_first_request_and_exits_2(

@@ -37,7 +37,7 @@ def _environment() -> dict[str, str]:
 @pytest.mark.parametrize("delay", [0.005, 0.02, 0.05, 0.1, 0.3])
 def test_ctrl_c_while_starting_prints_one_line_and_exits_130(delay: float, tmp_path: Path) -> None:
     command = [sys.executable, "-c", _SCRIPT]
-    command += ["batch", str(EXAMPLES / "batch.jsonl"), "--simulate"]
+    command += ["batch", str(EXAMPLES / "batch.jsonl"), "--simulate", "--no-journal"]
     process = subprocess.Popen(
         command,
         cwd=tmp_path,
