@@ -101,8 +101,10 @@ def connection_error(error: BaseException, method: str, path: str) -> APIConnect
     if isinstance(error, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         return APITimeoutError("timed out", method=method, path=path)
     if isinstance(error, aiohttp.ClientConnectorError):
+        # The host and port, never the URL: a base URL's path is not the server's name.
+        where = f"{error.host}:{error.port}" if error.port else error.host
         return APIConnectionError(
-            f"could not connect ({name})", method=method, path=path, sent=False
+            f"could not connect to {where} ({name})", method=method, path=path, sent=False
         )
     return APIConnectionError(f"connection failed ({name})", method=method, path=path)
 

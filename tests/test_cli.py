@@ -805,3 +805,48 @@ def test_batch_with_a_wrong_key_stops_at_the_first_request_and_exits_2(
     assert "KLING_API_KEY" in result.stderr
     assert kling_env.counters.requests == 1
     assert kling_env.counters.tasks_created == 0
+
+
+def test_download_to_a_new_directory_with_a_trailing_slash(
+    invoke: Invoke, kling_env: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = created(invoke)
+    video = task["task_result"]["videos"][0]
+    monkeypatch.chdir(tmp_path)
+    result = invoke("download", task["task_id"], "new/")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "new").is_dir()
+    assert (tmp_path / "new" / f"{video['id']}.mp4").read_bytes()[4:8] == b"ftyp"
+
+
+def test_advice_that_works(
+    invoke: Invoke, kling_env: Simulator, no_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # extend --simulate: the simulator ends with the command, so `wait ID` cannot work.
+    simulated = invoke("extend", VIDEO, "a prompt", "--simulate")
+    assert simulated.exit_code == 0, simulated.stderr
+    assert "kling-async wait" not in simulated.stderr
+    assert "kling-async simulate" in simulated.stderr
+    # A plain http:// URL to another host: the CLI's own flag is named, and works.
+    monkeypatch.setenv("KLING_API_KEY", SECRET)
+    insecure = invoke("status", "123", "--base-url", "http://gateway.invalid", "--simulate=never")
+    assert insecure.exit_code == 2
+    assert "--allow-insecure" in insecure.stderr
+
+
+def test_allow_insecure_and_an_unreachable_host_is_named(
+    invoke: Invoke, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KLING_API_KEY", SECRET)
+    result = invoke(
+        "status",
+        "123",
+        "--base-url",
+        "http://unreachable.invalid:9",
+        "--allow-insecure",
+        "--request-timeout",
+        "5",
+    )
+    assert result.exit_code != 0
+    assert "--allow-insecure" not in result.stderr
+    assert "unreachable.invalid:9" in result.stderr

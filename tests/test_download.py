@@ -504,3 +504,9 @@ async def test_a_session_middleware_never_reaches_the_cdn_or_a_redirect(
     assert len(seen) == 1
     assert secret not in repr(seen) + repr(file_requests(sim))
     assert all("authorization" not in headers for headers in file_requests(sim))
+
+
+async def test_a_bad_dest_names_the_path(kling: KlingClient, done: Task, tmp_path: Path) -> None:
+    with pytest.raises(ValidationError) as caught:
+        await kling.download(done, tmp_path / "nowhere" / "x.mp4")
+    assert str(tmp_path / "nowhere" / "x.mp4") in str(caught.value)
