@@ -144,7 +144,7 @@ _KEY_NAMES: Final = (
     "clock",  # 13 hash: t (Redis TIME, ms), c (logical ms), k (cap), q (quarantine end)
     "procs",  # 14 zset: process -> logical expiry
     "given",  # 15 hash: process -> max_running ('' when learned)
-    "claims",  # 16 hash: external id -> "owner|expiry|renewed" (logical ms)
+    "claims",  # 16 hash: external id -> "process|expiry|renewed|call" (logical ms)
     "settled",  # 17 channel: a claim ended
 )
 
@@ -229,6 +229,13 @@ local low, high = given()
 -- The plan's limit, or the learned one (1 before anything was learned: slow start).
 local limit = low or tonumber(redis.call('GET', KEYS[6])) or 1
 limit = math.max(1, math.floor(limit))
+if redis.call('HEXISTS', KEYS[1], ARGV[6]) == 1 then
+  -- An earlier take of this very slot timed out at the caller but got through: its own.
+  redis.call('ZADD', KEYS[2], now + LEASE, ARGV[6])
+  redis.call('ZREM', KEYS[5], ARGV[5])
+  redis.call('ZREM', KEYS[9], ARGV[5])
+  return {1, epoch, limit, low or 0, high or 0}
+end
 local room = limit - redis.call('HLEN', KEYS[1])
 local rank = redis.call('ZRANK', KEYS[5], ARGV[5])
 local ahead
@@ -296,7 +303,9 @@ return learned()
 """
 )
 
-# ARGV 5-7: lease_id task_id ext: the lease by its id, else by task id, else by ext.
+# ARGV 5-8: lease_id task_id ext expiry: the lease by its id, else by task id, else by
+# ext; with `expiry`, only while the lease's expiry is still that (a look-up's re-lease:
+# its holder renewing it meanwhile proves it alive).
 _RELEASE = (
     _PRELUDE
     + """
@@ -304,6 +313,7 @@ local id = ARGV[5]
 if id == '' and ARGV[6] ~= '' then id = redis.call('HGET', KEYS[3], ARGV[6]) end
 if (not id or id == '') and ARGV[7] ~= '' then id = redis.call('HGET', KEYS[4], ARGV[7]) end
 if not id or id == '' then return 0 end
+if ARGV[8] and ARGV[8] ~= '' and redis.call('ZSCORE', KEYS[2], id) ~= ARGV[8] then return 0 end
 return free(id)
 """
 )
@@ -356,6 +366,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. now, 'LI
     redis.call('ZADD', KEYS[2], now + LEASE, id)
     table.insert(out, id)
     table.insert(out, doc)
+    table.insert(out, redis.call('ZSCORE', KEYS[2], id))
   else
     redis.call('ZREM', KEYS[2], id)
   end
@@ -365,7 +376,8 @@ return out
 )
 
 # ARGV 5: JSON {f: force, cm: claim_ms, l: [[id, ext, task]], w: [waiters],
-#   d: [lease ids to free], c: [claimed exts], x: [exts whose claim to drop]}.
+#   d: [lease ids to free], c: [[ext, call]] claims held, x: [[ext, call]] claims to drop
+#   (granted to calls that timed out)}.
 # Renews what this process holds and registers it. After Redis lost its data (the epoch
 # changed), `force` puts the leases and claims back. A waiter whose queue place is gone
 # takes a new one at the end. Returns {epoch, gone leases, lost claims, limit, low, high}.
@@ -396,18 +408,17 @@ for _, w in ipairs(a.w) do
   redis.call('ZADD', KEYS[9], now + LEASE, w)
 end
 for _, id in ipairs(a.d) do free(id) end
-for _, ext in ipairs(a.c) do
-  local v = redis.call('HGET', KEYS[16], ext)
-  local owner = v and string.match(v, '^([^|]*)')
-  if owner == ME or (not v and force) then
-    redis.call('HSET', KEYS[16], ext, ME .. '|' .. (now + a.cm) .. '|' .. now)
+for _, c in ipairs(a.c) do
+  local v = redis.call('HGET', KEYS[16], c[1])
+  if (v and string.match(v, '|([^|]*)$') == c[2]) or (not v and force) then
+    redis.call('HSET', KEYS[16], c[1], ME .. '|' .. (now + a.cm) .. '|' .. now .. '|' .. c[2])
   else
-    table.insert(lost, ext)
+    table.insert(lost, c[1])
   end
 end
-for _, ext in ipairs(a.x) do
-  local v = redis.call('HGET', KEYS[16], ext)
-  if v and string.match(v, '^([^|]*)') == ME then redis.call('HDEL', KEYS[16], ext) end
+for _, c in ipairs(a.x) do
+  local v = redis.call('HGET', KEYS[16], c[1])
+  if v and string.match(v, '|([^|]*)$') == c[2] then redis.call('HDEL', KEYS[16], c[1]) end
 end
 local low, high = given()
 local limit = low or tonumber(redis.call('GET', KEYS[6])) or 1
@@ -415,8 +426,9 @@ return {epoch, gone, lost, math.max(1, math.floor(limit)), low or 0, high or 0}
 """
 )
 
-# KEYS[18]: the id's settled record. ARGV 5-7: ext claim_ms adopt ('1': a claim of this
-# process found here was granted to a call that timed out, so nothing was sent with it).
+# KEYS[18]: the id's settled record. ARGV 5-8: ext claim_ms call adopt ('1': no create of
+# this process holds the id, so a claim of this process found here was granted to a call
+# that timed out or a create whose settle was lost: the process takes it over).
 # Returns {'task', doc} | {'wait', epoch} | {'mine', epoch, maybe_since_ms (-1: none)}.
 _CLAIM = (
     _PRELUDE
@@ -426,8 +438,8 @@ if settled and string.sub(settled, 1, 1) == '{' then return {'task', settled} en
 local since = -1
 local v = redis.call('HGET', KEYS[16], ARGV[5])
 if v then
-  local owner, expiry, renewed = string.match(v, '^([^|]*)|([^|]*)|([^|]*)$')
-  if owner == ME and ARGV[7] == '1' then
+  local owner, expiry, renewed = string.match(v, '^([^|]*)|([^|]*)|([^|]*)|')
+  if owner == ME and ARGV[8] == '1' then
     since = -1
   elseif tonumber(expiry) > now then
     return {'wait', epoch}
@@ -439,12 +451,12 @@ if quiet then return {'wait', epoch} end
 if settled and string.sub(settled, 1, 2) == 'm:' then
   since = math.max(since, wall - tonumber(string.sub(settled, 3)))
 end
-redis.call('HSET', KEYS[16], ARGV[5], ME .. '|' .. (now + tonumber(ARGV[6])) .. '|' .. now)
+redis.call('HSET', KEYS[16], ARGV[5], ME .. '|' .. (now + tonumber(ARGV[6])) .. '|' .. now .. '|' .. ARGV[7])
 return {'mine', epoch, since}
 """
 )
 
-# KEYS[18]: the id's settled record. ARGV 5-8: ext task_json settled_ttl_s maybe.
+# KEYS[18]: the id's settled record. ARGV 5-9: ext task_json settled_ttl_s maybe call.
 _SETTLE = (
     _PRELUDE
     + """
@@ -454,7 +466,7 @@ elseif ARGV[8] == '1' then
   redis.call('SET', KEYS[18], 'm:' .. wall, 'EX', ARGV[7])
 end
 local v = redis.call('HGET', KEYS[16], ARGV[5])
-if v and string.match(v, '^([^|]*)') == ME then redis.call('HDEL', KEYS[16], ARGV[5]) end
+if v and string.match(v, '|([^|]*)$') == ARGV[9] then redis.call('HDEL', KEYS[16], ARGV[5]) end
 redis.call('PUBLISH', KEYS[17], ARGV[5])
 return 1
 """
@@ -551,13 +563,15 @@ class RedisAccount(Account):
         # A waiter's first take (which queues it in Redis) goes through this lock, so the
         # Redis queue holds this process's waiters in the order of `_waiters`.
         self._queueing = asyncio.Lock()
-        self._claims: set[str] = set()
+        # Claims this process's creates hold: external id -> the claim call's id.
+        self._claims: dict[str, str] = {}
+        self._claiming: collections.Counter[str] = collections.Counter()
         self._claim_waits: dict[str, asyncio.Event] = {}
         # Lease ids to free and claims to drop at the next renewals (a give-back or an
         # abandoned take that may have reached Redis after its call timed out), with
         # the monotonic time after which they are forgotten.
         self._drops: dict[str, float] = {}
-        self._dropped_claims: dict[str, float] = {}
+        self._dropped_claims: dict[tuple[str, str], float] = {}
         self._freed = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self._renewing: asyncio.Task[None] | None = None
@@ -945,8 +959,8 @@ class RedisAccount(Account):
             "l": [[h.slot.token, h.slot.external_task_id, h.slot.task_id or ""] for h in held],
             "w": [waiter.id for waiter in self._waiters],
             "d": list(self._drops),
-            "c": sorted(self._claims),
-            "x": [ext for ext in self._dropped_claims if self._orphaned(ext)],
+            "c": [[ext, call] for ext, call in self._claims.items()],
+            "x": [[ext, call] for ext, call in self._dropped_claims],
         }
         epoch, gone, lost, limit, low, high = await self._call(
             self._renew_script, [orjson.dumps(document).decode()]
@@ -994,7 +1008,7 @@ class RedisAccount(Account):
         except APIConnectionError as error:
             logger.info("looking for expired slots failed: %s", error)
             return
-        for token, doc in zip(expired[::2], expired[1::2], strict=True):
+        for token, doc, expiry in zip(expired[::3], expired[1::3], expired[2::3], strict=True):
             lease = orjson.loads(doc)
             slot = AccountSlot(lease["e"], task_id=lease["t"] or None, token=_text(token))
             try:
@@ -1005,7 +1019,9 @@ class RedisAccount(Account):
             try:
                 if task is None or task.is_terminal:
                     logger.info("slot of %s freed: its holder is gone", slot.external_task_id)
-                    await self._call(self._release_script, [slot.token, "", ""])
+                    await self._call(
+                        self._release_script, [slot.token, "", "", _text(expiry)]
+                    )
                 elif slot.task_id is None:
                     await self._call(self._created_script, [slot.token, task.task_id, "0", "0"])
             except APIConnectionError as error:
@@ -1022,22 +1038,32 @@ class RedisAccount(Account):
         event = self._claim_waits.setdefault(external_task_id, asyncio.Event())
         first = True
         down_since: float | None = None
+        self._claiming[external_task_id] += 1
         try:
             await self._listen()
             self._start_renewing()
             while True:
                 event.clear()
+                call = uuid.uuid4().hex
+                # No create of this process holds the id: a claim of ours found in Redis
+                # was granted to a call that timed out (or a create whose settle was
+                # lost; the create layer remembers those itself): take it over.
+                adopt = external_task_id not in self._claims
+                adopt = adopt and self._claiming[external_task_id] == 1
                 try:
                     answer = await self._call(
                         self._claim_script,
                         [
                             external_task_id,
                             self._lease_ms * CLAIM_LEASES,
-                            "1" if self._orphaned(external_task_id) else "0",
+                            call,
+                            "1" if adopt else "0",
                         ],
                         key,
                     )
                 except APIConnectionError:
+                    # The call may still reach Redis and be granted: drop it then.
+                    self._drop_claim_later(external_task_id, call)
                     # A new create fails at once; one waiting on another's claim rides
                     # out an outage.
                     now = time.monotonic()
@@ -1053,42 +1079,48 @@ class RedisAccount(Account):
                     return Claim(converter.structure(orjson.loads(answer[1]), Task))
                 if kind == "mine":
                     self._note_epoch(_text(answer[1]))
-                    self._claims.add(external_task_id)
-                    self._dropped_claims.pop(external_task_id, None)
+                    self._claims[external_task_id] = call
                     since = int(answer[2])
                     return Claim(maybe_since=since / 1000 if since >= 0 else None)
                 if kind == "wait":
                     self._note_epoch(_text(answer[1]))
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(event.wait(), min(CLAIM_POLL, self._tick))
-        except BaseException:
-            if external_task_id not in self._claims:
-                # A claim call that timed out may still be granted later: drop it then.
-                self._dropped_claims[external_task_id] = (
-                    time.monotonic() + DROP_LEASES * CLAIM_LEASES * self.lease
-                )
-            raise
         finally:
+            self._claiming[external_task_id] -= 1
+            if not self._claiming[external_task_id]:
+                del self._claiming[external_task_id]
             self._claim_waits.pop(external_task_id, None)
 
-    def _orphaned(self, external_task_id: str) -> bool:
-        # A claim call of this process timed out, and no create of ours holds the id.
-        return external_task_id in self._dropped_claims and external_task_id not in self._claims
+    def _drop_claim_later(self, external_task_id: str, call: str) -> None:
+        self._dropped_claims[external_task_id, call] = (
+            time.monotonic() + DROP_LEASES * CLAIM_LEASES * self.lease
+        )
+        self._start_renewing()
 
     async def settle(
         self, external_task_id: str, task: Task | None, *, maybe_created: bool = False
     ) -> None:
+        call = self._claims.get(external_task_id, "")
         document = "" if task is None else orjson.dumps(converter.unstructure(task)).decode()
-        args = [external_task_id, document, SETTLED_TTL, "1" if maybe_created else "0"]
+        args = [external_task_id, document, SETTLED_TTL, "1" if maybe_created else "0", call]
         key = self._claim_key(external_task_id)
         try:
             if task is None and not maybe_created:
-                await self._complete(self._call(self._settle_script, args, key))
+                try:
+                    await self._complete(self._call(self._settle_script, args, key))
+                except APIConnectionError:
+                    # Nothing was sent with the claim: renewals drop it, and a next
+                    # claim of the id by this process takes it over at once.
+                    if call:
+                        self._drop_claim_later(external_task_id, call)
+                    raise
             else:
                 # What happened must be recorded: retried a while when Redis is away.
                 await self._complete(self._deliver(self._settle_script, args, key))
         finally:
-            self._claims.discard(external_task_id)
+            if self._claims.get(external_task_id) == call:
+                del self._claims[external_task_id]
 
     # -- lifetime ----------------------------------------------------------------------------
 

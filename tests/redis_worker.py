@@ -69,4 +69,9 @@ async def main(config: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(json.loads(sys.argv[1])))
+    settings = json.loads(sys.argv[1])
+    if settings.get("debug"):
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(relativeCreated)d %(message)s")
+    asyncio.run(main(settings))

@@ -121,6 +121,7 @@ async def start_worker(
         "timeout": 10.0,
         "wait": 60.0,
         "attempts": 60,  # a job queue's redelivery, through every pause of the test
+        "debug": bool(os.environ.get("KLING_TEST_WORKER_DEBUG")),
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable,
