@@ -360,7 +360,8 @@ _EXPIRED = (
     + """
 local out = {}
 if quiet then return out end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. now, 'LIMIT', 0, ARGV[5])) do
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. now, 'LIMIT', 0, ARGV[5])
+for _, id in ipairs(due) do
   local doc = redis.call('HGET', KEYS[1], id)
   if doc then
     redis.call('ZADD', KEYS[2], now + LEASE, id)
@@ -451,7 +452,8 @@ if quiet then return {'wait', epoch} end
 if settled and string.sub(settled, 1, 2) == 'm:' then
   since = math.max(since, wall - tonumber(string.sub(settled, 3)))
 end
-redis.call('HSET', KEYS[16], ARGV[5], ME .. '|' .. (now + tonumber(ARGV[6])) .. '|' .. now .. '|' .. ARGV[7])
+local claim = ME .. '|' .. (now + tonumber(ARGV[6])) .. '|' .. now .. '|' .. ARGV[7]
+redis.call('HSET', KEYS[16], ARGV[5], claim)
 return {'mine', epoch, since}
 """
 )
@@ -599,17 +601,16 @@ class RedisAccount(Account):
         if own is None:
             return
         for other in (low, high):
-            if isinstance(other, int) and other >= 1 and other != own:
-                if other not in self._warned:
-                    self._warned.add(other)
-                    logger.warning(
-                        "account %r: this process was given max_running=%d, another process"
-                        " on it was given max_running=%d; the smallest, %d, applies",
-                        self.name,
-                        own,
-                        other,
-                        min(own, other),
-                    )
+            if isinstance(other, int) and other >= 1 and other not in {own, *self._warned}:
+                self._warned.add(other)
+                logger.warning(
+                    "account %r: this process was given max_running=%d, another process"
+                    " on it was given max_running=%d; the smallest, %d, applies",
+                    self.name,
+                    own,
+                    other,
+                    min(own, other),
+                )
 
     # -- Redis calls -------------------------------------------------------------------------
 
@@ -855,7 +856,11 @@ class RedisAccount(Account):
             held, limit = await self._complete(
                 self._call(
                     self._refused_script,
-                    [slot.token, "1" if self.max_running is None else "0", math.ceil(longest * 1000)],
+                    [
+                        slot.token,
+                        "1" if self.max_running is None else "0",
+                        math.ceil(longest * 1000),
+                    ],
                 )
             )
         except APIConnectionError as error:
@@ -949,9 +954,10 @@ class RedisAccount(Account):
 
     async def _renew(self, *, force: bool) -> None:
         now = time.monotonic()
-        for drops in (self._drops, self._dropped_claims):
-            for key in [key for key, until in drops.items() if until < now]:
-                del drops[key]
+        self._drops = {token: until for token, until in self._drops.items() if until >= now}
+        self._dropped_claims = {
+            key: until for key, until in self._dropped_claims.items() if until >= now
+        }
         held = list(self._held.values())
         document = {
             "f": 1 if force else 0,
@@ -1019,9 +1025,7 @@ class RedisAccount(Account):
             try:
                 if task is None or task.is_terminal:
                     logger.info("slot of %s freed: its holder is gone", slot.external_task_id)
-                    await self._call(
-                        self._release_script, [slot.token, "", "", _text(expiry)]
-                    )
+                    await self._call(self._release_script, [slot.token, "", "", _text(expiry)])
                 elif slot.task_id is None:
                     await self._call(self._created_script, [slot.token, task.task_id, "0", "0"])
             except APIConnectionError as error:

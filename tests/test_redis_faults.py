@@ -169,8 +169,7 @@ async def test_redis_paused_longer_than_a_lease_three_times_mid_batch(
     # waited on by the others, through the pauses.
     shared = [(f"shared-{i}", f"video-s{i}") for i in range(3)]
     workers = [
-        await start_worker(sim, url, name, shared[w:] + items(w, 4) + shared[:w])
-        for w in range(3)
+        await start_worker(sim, url, name, shared[w:] + items(w, 4) + shared[:w]) for w in range(3)
     ]
     for round_ in range(3):
         await until(lambda r=round_: sim.counters.tasks_created >= 1 + 2 * r, "creates go on")
