@@ -380,8 +380,8 @@ return out
 #   d: [lease ids to free], c: [[ext, call]] claims held, x: [[ext, call]] claims to drop
 #   (granted to calls that timed out)}.
 # Renews what this process holds and registers it. After Redis lost its data (the epoch
-# changed), `force` puts the leases and claims back. A waiter whose queue place is gone
-# takes a new one at the end. Returns {epoch, gone leases, lost claims, limit, low, high}.
+# changed), `force` puts the leases, claims and queue places (in this process's order)
+# back. Returns {epoch, gone leases, lost claims, limit, low, high}.
 _RENEW = (
     _PRELUDE
     + """
@@ -403,10 +403,14 @@ for _, l in ipairs(a.l) do
   end
 end
 for _, w in ipairs(a.w) do
-  if not redis.call('ZSCORE', KEYS[5], w) then
+  if force and not redis.call('ZSCORE', KEYS[5], w) then
     redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[10]), w)
+    redis.call('ZADD', KEYS[9], now + LEASE, w)
+  else
+    -- A place lost otherwise is taken anew by the waiter's own next take (a waiter
+    -- whose take just went through must not be queued again here).
+    redis.call('ZADD', KEYS[9], 'XX', now + LEASE, w)
   end
-  redis.call('ZADD', KEYS[9], now + LEASE, w)
 end
 for _, id in ipairs(a.d) do free(id) end
 for _, c in ipairs(a.c) do
@@ -430,13 +434,13 @@ return {epoch, gone, lost, math.max(1, math.floor(limit)), low or 0, high or 0}
 # KEYS[18]: the id's settled record. ARGV 5-8: ext claim_ms call adopt ('1': no create of
 # this process holds the id, so a claim of this process found here was granted to a call
 # that timed out or a create whose settle was lost: the process takes it over).
-# Returns {'task', doc} | {'wait', epoch} | {'mine', epoch, maybe_since_ms (-1: none)}.
+# Returns {'task', doc} | {'wait', epoch} | {'mine', epoch, maybe_since_ms (-1: none), why}.
 _CLAIM = (
     _PRELUDE
     + """
 local settled = redis.call('GET', KEYS[18])
 if settled and string.sub(settled, 1, 1) == '{' then return {'task', settled} end
-local since = -1
+local since, why = -1, ''
 local v = redis.call('HGET', KEYS[16], ARGV[5])
 if v then
   local owner, expiry, renewed = string.match(v, '^([^|]*)|([^|]*)|([^|]*)|')
@@ -446,15 +450,17 @@ if v then
     return {'wait', epoch}
   else
     since = now - tonumber(renewed)  -- its holder stopped renewing: it may have sent
+    why = 'its claimer stopped renewing'
   end
 end
 if quiet then return {'wait', epoch} end
 if settled and string.sub(settled, 1, 2) == 'm:' then
   since = math.max(since, wall - tonumber(string.sub(settled, 3)))
+  why = 'it ended ambiguously'
 end
 local claim = ME .. '|' .. (now + tonumber(ARGV[6])) .. '|' .. now .. '|' .. ARGV[7]
 redis.call('HSET', KEYS[16], ARGV[5], claim)
-return {'mine', epoch, since}
+return {'mine', epoch, since, why}
 """
 )
 
@@ -1085,7 +1091,16 @@ class RedisAccount(Account):
                     self._note_epoch(_text(answer[1]))
                     self._claims[external_task_id] = call
                     since = int(answer[2])
-                    return Claim(maybe_since=since / 1000 if since >= 0 else None)
+                    if since < 0:
+                        return Claim()
+                    logger.info(
+                        "external_task_id %s: an earlier create of it may have been sent"
+                        " %.1f s ago (%s)",
+                        external_task_id,
+                        since / 1000,
+                        _text(answer[3]),
+                    )
+                    return Claim(maybe_since=since / 1000)
                 if kind == "wait":
                     self._note_epoch(_text(answer[1]))
                 with contextlib.suppress(asyncio.TimeoutError):
