@@ -13,17 +13,24 @@ the same ``name`` shares the slots::
     await account.aclose()
 
 What is guaranteed, with Redis paused (``SIGSTOP``, a stalled host) for any length of
-time, restarted without persistence, or unreachable, and with processes killed:
+time, restarted without persistence, or unreachable, and with processes killed; as long
+as a live process's own event loop does not stall for longer than a lease (then its
+leases and, after ``CLAIM_LEASES`` leases, its claims lapse as if it had died, and it
+logs a WARNING when it sees a claim of its own lost):
 
 - **Never over the limit.** Slots are taken by Lua scripts, so two processes never take
   the last one together. A slot is freed only by its holder, by whoever sees its task
   finished, or, when its holder stopped renewing it, after a look-up of its task finds
-  it finished or absent. A slot whose create is under way is never looked up by anyone.
+  it finished or absent (and only if nobody renewed it during the look-up). A slot whose
+  create is under way is never looked up: not by its own process's check, and not by
+  others, to whom a lease its holder renews never looks expired.
 - **Exactly once per external id.** ``claim`` grants an id to one create at a time;
   ``settle`` stores the created task for ``SETTLED_TTL`` seconds, so a later create of
   that id, in any process, gets it. A create that ended ambiguously (``settle(...,
-  maybe_created=True)``) or whose claimer stopped renewing leaves a record: the next
-  claim returns `Claim.maybe_since`, so its create looks the task up first.
+  maybe_created=True)``, kept ``SETTLED_TTL`` seconds) or whose claimer stopped renewing
+  leaves a record: the next claim returns `Claim.maybe_since`, so its create looks the
+  task up first. A claim granted to a call that timed out is dropped by the process's
+  renewals, or taken over by its next claim of that id (nothing was sent with it).
 - **Time is Redis's answering time.** Every expiry (leases, claims, queue places,
   process registrations) runs on a logical clock kept in Redis (``kling:{name}:clock``)
   that advances only while Redis answers: each script reads ``TIME`` and advances it by
@@ -43,11 +50,14 @@ time, restarted without persistence, or unreachable, and with processes killed:
   by a live process. A process given another value than a live peer logs a WARNING
   naming both. A process without ``max_running`` learns the limit from 1303 answers
   (below) but never exceeds one given by a live process.
-- **Bounded calls.** Every Redis call is bounded by the client's timeout (at most one
-  lease); a create that cannot reach Redis fails with `kling_async.APIConnectionError`
-  naming Redis: no task is created without a slot. A create already queued rides out an
-  outage of up to ``OUTAGE_WAIT`` seconds. ``finished`` never waits on Redis: the slot
-  is given back in the background (`aclose` waits for that a bounded time).
+- **Bounded calls.** Every Redis call is bounded by ``IO_SHARE`` of the client's
+  timeout (and at most one lease); a create that cannot reach Redis fails with
+  `kling_async.APIConnectionError` naming Redis: no task is created without a slot. A
+  create already queued (or waiting on another's claim) rides out an outage of up to
+  ``OUTAGE_WAIT`` seconds. ``finished`` never waits on Redis: the slot is given back in
+  the background (`aclose` waits for that at most ``CLOSE_WAIT`` seconds). A give-back
+  or an abandoned take that failed, or that may reach Redis after its call timed out, is
+  repeated by the renewals for ``DROP_LEASES`` leases.
 
 How it works (all keys under ``kling:{name}:``; the braces make them one Redis Cluster
 hash slot): a slot is a *lease*, a hash entry holding its external task id (and, once
