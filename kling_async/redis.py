@@ -166,11 +166,12 @@ local t = redis.call('TIME')
 local wall = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local LEASE = tonumber(ARGV[1])
 local ME = ARGV[2]
-local c = redis.call('HMGET', KEYS[13], 't', 'c', 'k', 'q')
+local c = redis.call('HMGET', KEYS[13], 't', 'c', 'k', 'q', 'l')
 local cap = math.min(tonumber(c[3]) or LEASE, math.floor(LEASE / 3))
 local now = tonumber(c[2]) or 0
 if c[1] then now = now + math.max(0, math.min(wall - tonumber(c[1]), cap)) end
 local calm = tonumber(c[4]) or 0
+local lost_at = tonumber(c[5]) or -1e15
 local epoch = redis.call('GET', KEYS[11])
 if not epoch then
   -- Redis lost the data (or this name is new): give live holders one lease of
@@ -178,8 +179,9 @@ if not epoch then
   epoch = ARGV[3]
   redis.call('SET', KEYS[11], epoch)
   calm = now + LEASE
+  lost_at = now
 end
-redis.call('HSET', KEYS[13], 't', wall, 'c', now, 'k', cap, 'q', calm)
+redis.call('HSET', KEYS[13], 't', wall, 'c', now, 'k', cap, 'q', calm, 'l', lost_at)
 local quiet = now < calm
 
 local function register()
@@ -441,6 +443,8 @@ return {epoch, gone, lost, math.max(1, math.floor(limit)), low or 0, high or 0}
 """
 )
 
+# Within CLAIM_LEASES + 1 leases of Redis losing its data (or of a name's first use: the
+# same to Redis), a claim with nothing known against it says how long ago that was.
 # KEYS[18]: the id's settled record. ARGV 5-8: ext claim_ms call adopt ('1': no create of
 # this process holds the id, so a claim of this process found here was granted to a call
 # that timed out or a create whose settle was lost: the process takes it over).
@@ -467,6 +471,11 @@ if quiet then return {'wait', epoch} end
 if settled and string.sub(settled, 1, 2) == 'm:' then
   since = math.max(since, wall - tonumber(string.sub(settled, 3)))
   why = 'it ended ambiguously'
+elseif not v and not settled and now - lost_at < tonumber(ARGV[6]) + LEASE then
+  -- Soon after Redis lost its data: a claim of a holder that died just before may have
+  -- been lost with it (live holders put theirs back during the quarantine).
+  since = now - lost_at
+  why = 'Redis lost its data since'
 end
 local claim = ME .. '|' .. (now + tonumber(ARGV[6])) .. '|' .. now .. '|' .. ARGV[7]
 redis.call('HSET', KEYS[16], ARGV[5], claim)
