@@ -15,15 +15,20 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
-#: What the ``kling-async`` script does, saying on stderr when `main` is about to run:
-#: the interrupts are timed from there (the command's own start-up: click, rich, the
-#: commands, asyncio, the simulator). Before that, Python is still importing the package
-#: root, which no code of the command line can guard.
+#: What the ``kling-async`` script does, saying on stderr once `main` runs (from inside
+#: its guard, so that a busy machine cannot land the interrupt between the line and the
+#: call): the interrupts are timed from there (the command's own start-up: click, rich,
+#: the commands, asyncio, the simulator). Before `main`, Python is still importing the
+#: package root, which no code of the command line can guard.
 _SCRIPT = (
     "import sys\n"
-    "from kling_async._cli import main\n"
-    "sys.stderr.write('main\\n'); sys.stderr.flush()\n"
-    "main(sys.argv[1:])\n"
+    "from kling_async import _cli\n"
+    "run = _cli._run\n"
+    "def started(*args):\n"
+    "    sys.stderr.write('main\\n'); sys.stderr.flush()\n"
+    "    run(*args)\n"
+    "_cli._run = started\n"
+    "_cli.main(sys.argv[1:])\n"
 )
 
 
