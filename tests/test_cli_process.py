@@ -94,6 +94,9 @@ def test_ctrl_c_and_the_same_command_again_finish_every_row_once(tmp_path: Path)
     out, err = first.communicate(timeout=60)
     assert first.returncode == 130, err.decode()
     assert "Traceback" not in err.decode()
+    # What goes on, and how to collect it, before the last line.
+    assert "run the same command again to collect them" in err.decode()
+    assert err.decode().rstrip().splitlines()[-1] == "interrupted"
     finished_first = [json.loads(line) for line in out.splitlines()]
     assert len(finished_first) < 12
     again = subprocess.run(
@@ -108,3 +111,44 @@ def test_ctrl_c_and_the_same_command_again_finish_every_row_once(tmp_path: Path)
     assert len(set(created)) == 12  # no external task id was created twice
     submitted_before = {r["task"]["task_id"] for r in finished_first}
     assert submitted_before <= {r["task"]["task_id"] for r in results}
+
+
+def test_ctrl_c_while_extend_waits_says_which_task_goes_on_and_how_to_collect_it(
+    tmp_path: Path,
+) -> None:
+    serve = ["simulate", "--port", "0", "--processing-time", "600"]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "kling_async", *serve],
+        cwd=tmp_path,
+        env=_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert server.stdout is not None
+        export = server.stdout.readline().decode().split()
+        assert export[0] == "export", export
+        env = _environment() | dict(pair.split("=", 1) for pair in export[1:])
+        waiting = subprocess.Popen(
+            [sys.executable, "-m", "kling_async", "extend", "v1", "the sun sets", "--wait"],
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert waiting.stderr is not None
+        first = waiting.stderr.readline().decode()
+        assert first.endswith("created; waiting for it\n"), first
+        task_id = first.split()[1]
+        waiting.send_signal(signal.SIGINT)
+        _, err = waiting.communicate(timeout=60)
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.communicate(timeout=60)
+    text = err.decode()
+    assert waiting.returncode == 130, text
+    assert "Traceback" not in text
+    assert f"task {task_id} goes on at Kling (and is billed)" in text
+    assert f"`kling-async wait {task_id}`" in text
+    assert text.rstrip().splitlines()[-1] == "interrupted"

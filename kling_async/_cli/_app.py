@@ -7,6 +7,7 @@ simulator in the foreground.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -90,17 +91,37 @@ def _finish(code: int) -> None:
 
 
 async def _wait(kling: KlingClient, task: Task | str, timeout: float, *, as_json: bool) -> int:
-    """Wait for a task with a status display; print it; 0 succeeded, 1 failed or late."""
+    """Wait for a task with a status display; print it; 0 succeeded, 1 failed or late.
+
+    Ctrl-C while waiting says what goes on and how to collect it (the spinner that
+    showed the task id is gone by then), before the command's "interrupted" line.
+    """
     task_id = task.task_id if isinstance(task, Task) else task
     try:
         with task_status_display(task_id) as show:
             done = await kling.wait_for_task(task, timeout=timeout, on_update=show)
+    except asyncio.CancelledError:  # Ctrl-C: `asyncio.run` cancels the command's body
+        click.echo(_goes_on(kling, task_id), err=True)
+        raise
     except (TaskFailedError, WaitTimeoutError) as error:
         print_task(error.task, as_json=as_json)
         report(str(error))
         return EXIT_FAILED
     print_task(done, as_json=as_json)
     return EXIT_OK
+
+
+def _goes_on(kling: KlingClient, task_id: str) -> str:
+    """What an interrupted wait leaves behind, and how to collect it."""
+    if simulated(kling):
+        return (
+            f"task {task_id} ends with the built-in simulator; for a task that outlasts the "
+            "command, serve one with `kling-async simulate` and point KLING_BASE_URL at it"
+        )
+    return (
+        f"task {task_id} goes on at Kling (and is billed): collect it with "
+        f"`kling-async wait {task_id}`"
+    )
 
 
 @cli.command(short_help="Create one extension task (and optionally wait for it).")
@@ -163,6 +184,8 @@ def extend(
             parent_task_id=parent_task_id,
         )
         if wait_:
+            # A line that stays: the spinner below is erased when the wait ends.
+            click.echo(f"task {task.task_id} created; waiting for it", err=True)
             return await _wait(kling, task, timeout, as_json=as_json)
         print_task(task, as_json=as_json)
         if not as_json and simulated(kling):

@@ -146,6 +146,9 @@ class BatchRun:
             except asyncio.TimeoutError:
                 assert timeout is not None
                 self._time_out(timeout)
+            except asyncio.CancelledError:  # Ctrl-C: `asyncio.run` cancels the command
+                self._interrupted()
+                raise
         except InputError as error:
             raise CommandError(f"cannot read the input: {error}", EXIT_USAGE) from None
         return EXIT_FAILED if self.failed else EXIT_OK
@@ -153,7 +156,29 @@ class BatchRun:
     def _row_status(self, index: int, task: Task) -> None:
         row = self._row_of_index.get(index)
         if row is not None:
+            if row in self._unfinished:
+                self._unfinished[row] = task
             self._display.row_state(row, task.raw_status or task.status.value)
+
+    def _interrupted(self) -> None:
+        """Say what an interrupted batch leaves running, and how to collect it."""
+        running = sorted(
+            ((row, task) for row, task in self._unfinished.items() if task),
+            key=lambda item: item[0],
+        )
+        if not running:
+            return
+        rows = "1 row's task goes" if len(running) == 1 else f"{len(running)} rows' tasks go"
+        if self._journal is not None:
+            click.echo(
+                f"{rows} on at Kling: run the same command again to collect them "
+                f"(journal: {_shown_path(self._journal.absolute())}; nothing is created twice)",
+                err=True,
+            )
+            return
+        click.echo(f"{rows} on at Kling (no journal): collect each with kling-async wait", err=True)
+        for row, task in running:
+            click.echo(f"  row {row}: kling-async wait {task.task_id}", err=True)
 
     async def _requests(self) -> AsyncIterator[ExtendRequest]:
         index = 0
