@@ -19,10 +19,13 @@ runs both sides in the same run, against the same simulator process, in alternat
    (given and learned): wall time against the ideal (target <= 1.3x) and 1303 answers
    per task (<= 0.1 given, <= 0.5 learned); and a RedisAccount's cost per create
    (target < 1 ms). Its own table, printed after the others.
+6. The command line's start-up (`imports.py`): ``kling-async --help`` and a usage error,
+   whole processes (interpreter start-up included), beside a process that imports
+   aiohttp. Target: ``--help`` <= 0.15 s on a quiet machine (click alone is loaded).
 
 Options: ``--items N`` (default 20000), ``--rounds R`` (default 5), ``--calls C`` (per
 call, default 2000), ``--import-reps K`` (default 40), ``--rss-small``, ``--rss-large``
-(defaults 10000 and 100000), ``--only {cpu,throughput,import,rss,accounts}``
+(defaults 10000 and 100000), ``--only {cpu,throughput,import,cli,rss,accounts}``
 (repeatable).
 """
 
@@ -213,6 +216,29 @@ def _imports(args: argparse.Namespace, report: dict[str, object]) -> list[Row]:
     ]
 
 
+def _cli(args: argparse.Namespace, report: dict[str, object]) -> list[Row]:
+    times = imports.measure_cli(args.import_reps)
+    medians = {name: imports.median(values) for name, values in times.items()}
+    aiohttp = medians["python -c 'import aiohttp'"]
+    report.update(
+        cli_help_ms=round(medians["kling-async --help"] * 1e3, 1),
+        cli_usage_error_ms=round(medians["kling-async extend (usage error)"] * 1e3, 1),
+        cli_import_aiohttp_process_ms=round(aiohttp * 1e3, 1),
+        cli_help_target_ms=imports.CLI_HELP_TARGET * 1e3,
+    )
+    return [
+        (
+            f"{name} (process, median of {args.import_reps})",
+            f"{medians[name] * 1e3:.0f} ms",
+            f"{aiohttp * 1e3:.0f} ms",
+            medians[name] / aiohttp,
+            f"<= {imports.CLI_HELP_TARGET * 1e3:.0f} ms",
+            medians[name] <= imports.CLI_HELP_TARGET,
+        )
+        for name in ("kling-async --help", "kling-async extend (usage error)")
+    ]
+
+
 def _rss(args: argparse.Namespace, report: dict[str, object]) -> float:
     with simulator_process() as (base_url, api_key):
         small = peak_rss(base_url, api_key, args.rss_small)
@@ -273,7 +299,7 @@ def main() -> int:
     parser.add_argument(
         "--only",
         action="append",
-        choices=["cpu", "throughput", "import", "rss", "accounts"],
+        choices=["cpu", "throughput", "import", "cli", "rss", "accounts"],
         default=None,
     )
     parser.add_argument("--rss-child", nargs=3, metavar=("N", "BASE_URL", "API_KEY"))
@@ -282,7 +308,7 @@ def main() -> int:
         n, base_url, api_key = args.rss_child
         rss_child(base_url, api_key, int(n))
         return 0
-    only = set(args.only or ["cpu", "throughput", "import", "rss", "accounts"])
+    only = set(args.only or ["cpu", "throughput", "import", "cli", "rss", "accounts"])
     if args.skip_rss:
         only.discard("rss")
 
@@ -301,6 +327,8 @@ def main() -> int:
         rows.append(_throughput(args, report))
     if "import" in only:
         rows += _imports(args, report)
+    if "cli" in only:
+        rows += _cli(args, report)
     rss = None
     if "rss" in only:
         rss = (args.rss_small, args.rss_large, _rss(args, report))

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from kling_async._cli import _progress as _cli_progress
 from kling_async._cli._app import cli
-from kling_async._cli._runtime import expand_bare_simulate
+from kling_async._cli._options import expand_bare_simulate
 from kling_async.testing import Simulator
 
 pytest_plugins = ["kling_async.testing.pytest_plugin"]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import kling_async
 
 PACKAGE = Path(kling_async.__file__).parent
@@ -66,6 +68,62 @@ def test_importing_the_package_loads_no_http_stack() -> None:
     # (typing is not checked: coverage, measuring the subprocess, loads it itself.)
     heavy = ("aiohttp", "attrs", "backoff", "jwt", "cattrs", "kling_async._journal")
     assert _loaded("import kling_async, kling_async._cli", heavy) == []
+
+
+#: What `kling-async --help` and a usage error must not load: only click is needed to
+#: print the commands and their options (the bench times it: `bench/run.py --only cli`).
+_NOT_FOR_HELP = (
+    "aiohttp",
+    "asyncio",
+    "attrs",
+    "cattrs",
+    "importlib.metadata",
+    "orjson",
+    "rich",
+    "kling_async._batch",
+    "kling_async._cli._batch_run",
+    "kling_async._cli._progress",
+    "kling_async._cli._rows_out",
+    "kling_async._cli._runtime",
+    "kling_async._client",
+    "kling_async._models",
+)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["batch", "--help"],
+        ["extend", "--help"],
+        ["extend"],  # a missing argument
+        ["batch", "--concurrency", "0", "rows.jsonl"],  # an out-of-range option
+        ["no-such-command"],
+    ],
+)
+def test_help_and_usage_errors_load_only_click(argv: list[str]) -> None:
+    code = (
+        "from kling_async._cli import main\n"
+        "try:\n"
+        f"    main({argv!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "sys.stdout.flush()"
+    )
+    probe = f"import sys, io; sys.stdout = io.StringIO(); sys.stderr = io.StringIO()\n{code}"
+    assert _loaded_after(probe, _NOT_FOR_HELP) == []
+
+
+def _loaded_after(code: str, modules: tuple[str, ...]) -> list[str]:
+    """`_loaded` for a multi-line program (its own output thrown away)."""
+    probe = (
+        f"{code}\nimport sys\nsys.stdout = sys.__stdout__\n"
+        f"print(sorted(m for m in {modules!r} if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    return ast.literal_eval(out.strip())  # type: ignore[no-any-return]
 
 
 def test_the_request_path_loads_no_batch_journal_jwt_or_cattrs() -> None:
@@ -136,3 +194,12 @@ def test_no_import_cycles_among_the_packages_modules() -> None:
     for module in sorted(graph):
         walk(module, [module])
     assert not cycles, cycles[:5]
+
+
+def test_the_cli_declarations_agree_with_the_library() -> None:
+    # The command line declares its choices without importing what implements them.
+    from kling_async import _client
+    from kling_async._cli import _options, _rows_in
+
+    assert (_options.MAX_PAGE, _options.MAX_PAGE_SIZE) == (_client.MAX_PAGE, _client.MAX_PAGE_SIZE)
+    assert _rows_in.FORMATS == _options.FORMATS

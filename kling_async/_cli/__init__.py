@@ -2,12 +2,18 @@
 
 The modules behind it, each owning one thing:
 
+- `kling_async._cli._options`: the options the commands share, and their choices;
 - `kling_async._cli._app`: the command group and the single-task commands;
-- `kling_async._cli._batch`: the ``batch`` command;
+- `kling_async._cli._batch`: the ``batch`` command's arguments and options;
+- `kling_async._cli._batch_run`: one run of a batch, rows in to results and files out;
+- `kling_async._cli._waiting`: waiting for one task, and what Ctrl-C leaves behind;
 - `kling_async._cli._rows_in`: batch input, JSONL or CSV rows as requests or bad rows;
 - `kling_async._cli._rows_out`: what goes to stdout, JSON lines or readable text;
 - `kling_async._cli._progress`: the live displays on stderr;
-- `kling_async._cli._runtime`: client options, the built-in simulator, exit codes.
+- `kling_async._cli._runtime`: the backend, the built-in simulator, exit codes.
+
+The first three import click and nothing heavy: ``--help`` and usage errors load only
+them; a command imports what runs it when it runs.
 
 `cli` is imported on first use (``from kling_async._cli import cli`` works), so that
 importing this package costs nothing beyond `kling_async` itself. The command line

@@ -2,42 +2,30 @@
 
 ``extend``, ``status``, ``wait``, ``list`` and ``download`` work on one task (or one
 page of them); ``batch`` lives in `kling_async._cli._batch`; ``simulate`` serves the
-simulator in the foreground.
+simulator in the foreground. Only click is imported here: each command's body imports
+what it runs on (the client, rich) when it runs, so ``--help`` stays quick.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from kling_async import __version__
 from kling_async._cli._batch import batch
-from kling_async._cli._progress import download_display, task_status_display
-from kling_async._cli._rows_out import (
-    print_json,
-    print_task,
-    print_task_table,
-    saved,
-    task_document,
-)
-from kling_async._cli._runtime import (
-    EXIT_FAILED,
-    EXIT_OK,
+from kling_async._cli._options import (
+    MAX_PAGE,
+    MAX_PAGE_SIZE,
     CliCommand,
     ClientOptions,
     client_options,
-    report,
-    run_async,
-    run_with_client,
-    simulated,
+    version_option,
 )
-from kling_async._client import MAX_PAGE, MAX_PAGE_SIZE, KlingClient
-from kling_async._models import Task
-from kling_async.errors import TaskFailedError, WaitTimeoutError
+
+if TYPE_CHECKING:
+    from kling_async._client import KlingClient
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -65,7 +53,7 @@ class _Group(click.Group):
     cls=_Group,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-@click.version_option(__version__, "--version", prog_name="kling-async")
+@version_option()
 def cli() -> None:
     """Extend videos with Kling's video-extend API, from the command line.
 
@@ -90,38 +78,15 @@ def _finish(code: int) -> None:
     click.get_current_context().exit(code)
 
 
-async def _wait(kling: KlingClient, task: Task | str, timeout: float, *, as_json: bool) -> int:
-    """Wait for a task with a status display; print it; 0 succeeded, 1 failed or late.
+def _run(client: ClientOptions, body: Callable[[KlingClient], Any]) -> None:
+    """Run a command's body with a client, then exit with its code.
 
-    Ctrl-C while waiting says what goes on and how to collect it (the spinner that
-    showed the task id is gone by then), before the command's "interrupted" line.
+    What runs a command (aiohttp, rich, the client) is imported here, when it runs:
+    ``--help`` and usage errors need click alone.
     """
-    task_id = task.task_id if isinstance(task, Task) else task
-    try:
-        with task_status_display(task_id) as show:
-            done = await kling.wait_for_task(task, timeout=timeout, on_update=show)
-    except asyncio.CancelledError:  # Ctrl-C: `asyncio.run` cancels the command's body
-        click.echo(_goes_on(kling, task_id), err=True)
-        raise
-    except (TaskFailedError, WaitTimeoutError) as error:
-        print_task(error.task, as_json=as_json)
-        report(str(error))
-        return EXIT_FAILED
-    print_task(done, as_json=as_json)
-    return EXIT_OK
+    from kling_async._cli._runtime import run_with_client
 
-
-def _goes_on(kling: KlingClient, task_id: str) -> str:
-    """What an interrupted wait leaves behind, and how to collect it."""
-    if simulated(kling):
-        return (
-            f"task {task_id} ends with the built-in simulator; for a task that outlasts the "
-            "command, serve one with `kling-async simulate` and point KLING_BASE_URL at it"
-        )
-    return (
-        f"task {task_id} goes on at Kling (and is billed): collect it with "
-        f"`kling-async wait {task_id}`"
-    )
+    _finish(run_with_client(client, body))
 
 
 @cli.command(short_help="Create one extension task (and optionally wait for it).")
@@ -173,6 +138,10 @@ def extend(
     """
 
     async def body(kling: KlingClient) -> int:
+        from kling_async._cli._rows_out import print_task
+        from kling_async._cli._runtime import EXIT_OK, simulated
+        from kling_async._cli._waiting import wait_and_print
+
         task = await kling.extend_video(
             video_id,
             prompt,
@@ -186,7 +155,7 @@ def extend(
         if wait_:
             # A line that stays: the spinner below is erased when the wait ends.
             click.echo(f"task {task.task_id} created; waiting for it", err=True)
-            return await _wait(kling, task, timeout, as_json=as_json)
+            return await wait_and_print(kling, task, timeout, as_json=as_json)
         print_task(task, as_json=as_json)
         if not as_json and simulated(kling):
             click.echo(
@@ -199,7 +168,7 @@ def extend(
             click.echo(f"Wait for it with: kling-async wait {task.task_id}", err=True)
         return EXIT_OK
 
-    _finish(run_with_client(client, body))
+    _run(client, body)
 
 
 @cli.command(short_help="Show one task.")
@@ -213,14 +182,16 @@ def status(task_id: str, external: bool, as_json: bool, client: ClientOptions) -
     """Show the task TASK_ID: its status, and its video once it has succeeded."""
 
     async def body(kling: KlingClient) -> int:
+        from kling_async._cli._rows_out import print_task
+
         if external:
             task = await kling.get_task(external_task_id=task_id)
         else:
             task = await kling.get_task(task_id)
         print_task(task, as_json=as_json)
-        return EXIT_OK
+        return 0
 
-    _finish(run_with_client(client, body))
+    _run(client, body)
 
 
 @cli.command(short_help="Wait for a task to finish.")
@@ -236,9 +207,11 @@ def wait(task_id: str, timeout: float, as_json: bool, client: ClientOptions) -> 
     """
 
     async def body(kling: KlingClient) -> int:
-        return await _wait(kling, task_id, timeout, as_json=as_json)
+        from kling_async._cli._waiting import wait_and_print
 
-    _finish(run_with_client(client, body))
+        return await wait_and_print(kling, task_id, timeout, as_json=as_json)
+
+    _run(client, body)
 
 
 @cli.command("list", short_help="List your tasks, newest first.")
@@ -251,6 +224,9 @@ def list_(page: int, page_size: int, all_pages: bool, as_json: bool, client: Cli
     """List your tasks, newest first: a table, or JSON Lines with --json."""
 
     async def body(kling: KlingClient) -> int:
+        from kling_async._cli._rows_out import print_json, print_task_table, task_document
+        from kling_async._cli._runtime import EXIT_OK
+
         if all_pages:
             if as_json:
                 async for task in kling.iter_tasks(page_size):
@@ -266,7 +242,7 @@ def list_(page: int, page_size: int, all_pages: bool, as_json: bool, client: Cli
             click.echo("no tasks", err=True)
         return EXIT_OK
 
-    _finish(run_with_client(client, body))
+    _run(client, body)
 
 
 @cli.command(short_help="Save a task's video to a file.")
@@ -283,6 +259,10 @@ def download(task_id: str, dest: str, overwrite: bool, client: ClientOptions) ->
     """
 
     async def body(kling: KlingClient) -> int:
+        from kling_async._cli._progress import download_display
+        from kling_async._cli._rows_out import saved
+        from kling_async._cli._runtime import EXIT_FAILED, EXIT_OK, report
+
         task = await kling.get_task(task_id)
         if not task.succeeded or not task.videos:
             state = task.raw_status or task.status.value
@@ -298,7 +278,7 @@ def download(task_id: str, dest: str, overwrite: bool, client: ClientOptions) ->
         saved(path)
         return EXIT_OK
 
-    _finish(run_with_client(client, body))
+    _run(client, body)
 
 
 @cli.command(short_help="Serve the simulator in the foreground.")
@@ -338,6 +318,7 @@ def simulate(host: str, port: int, processing_time: float, failure_rate: float) 
       export KLING_BASE_URL=http://127.0.0.1:8765 KLING_API_KEY=sim-api-key
       kling-async extend 828006748715380777 "the sun sets" --wait
     """
+    from kling_async._cli._runtime import EXIT_INTERRUPTED, EXIT_OK, run_async
     from kling_async.testing import Simulator
 
     def announce(simulator: Simulator) -> None:
@@ -357,7 +338,7 @@ def simulate(host: str, port: int, processing_time: float, failure_rate: float) 
         return EXIT_OK
 
     code = run_async(serve)
-    _finish(EXIT_OK if code == 130 else code)
+    _finish(EXIT_OK if code == EXIT_INTERRUPTED else code)
 
 
 cli.add_command(batch)

@@ -19,6 +19,7 @@ from typing import IO, Any, Final, TypeAlias
 import attrs
 import orjson
 
+from kling_async._cli._options import FORMATS as FORMATS
 from kling_async._converter import (
     REQUEST_FIELDS,
     request_from_fields,
@@ -27,7 +28,6 @@ from kling_async._converter import (
 from kling_async._models import ExtendRequest
 from kling_async.errors import ValidationError
 
-FORMATS: Final = ("jsonl", "csv")
 FIELDS: Final = tuple(field.name for field in attrs.fields(ExtendRequest))
 _TRUE: Final = frozenset({"true", "1", "yes"})
 _FALSE: Final = frozenset({"false", "0", "no"})

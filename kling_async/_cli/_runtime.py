@@ -1,4 +1,4 @@
-"""What every CLI command shares: client options, the built-in simulator, exit codes.
+"""What running a CLI command takes: the backend, the built-in simulator, exit codes.
 
 A command body is an ``async`` function of a `KlingClient`; `run_with_client` picks
 the backend (the real API, or a simulator started in-process on 127.0.0.1), runs the
@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import os
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Final
 
-import attrs
 import click
 
+from kling_async._cli._options import ClientOptions
 from kling_async._client import KlingClient
 from kling_async._config import DEFAULT_BASE_URL
 from kling_async._models import PollPolicy
@@ -39,7 +38,6 @@ EXIT_INTERRUPTED: Final = 130
 
 #: The environment variables credentials come from (never from options: shell history).
 CREDENTIAL_VARIABLES: Final = ("KLING_API_KEY", "KLING_ACCESS_KEY", "KLING_SECRET_KEY")
-SIMULATE_MODES: Final = ("always", "auto", "never")
 
 #: Timing of the built-in simulator's tasks: a few seconds each, like a quick real task.
 SIMULATOR_SUBMIT_TIME: Final = 0.5
@@ -63,130 +61,16 @@ class CommandError(Exception):
         self.exit_code = exit_code
 
 
-@attrs.frozen
-class ClientOptions:
-    """The options every command but ``simulate`` takes."""
-
-    simulate: str = "never"
-    base_url: str | None = None
-    max_in_flight: int = 8
-    request_timeout: float = 60.0
-    poll_interval: float | None = None
-    allow_insecure: bool = False
-
-    def poll_policy(self) -> PollPolicy | None:
-        """A fixed-interval poll policy when ``--poll-interval`` was given."""
-        if self.poll_interval is None:
-            return None
-        return PollPolicy(
-            initial=self.poll_interval, factor=1.0, max_interval=self.poll_interval, jitter=0.0
-        )
-
-
-class CliCommand(click.Command):
-    """A command whose bare ``--simulate`` never swallows the argument after it.
-
-    ``--simulate`` takes an optional value; click would read ``batch --simulate rows.csv``
-    as ``--simulate=rows.csv``. A bare ``--simulate`` not followed by a mode is
-    rewritten to ``--simulate=always`` before click parses the arguments.
-    """
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        """Expand a bare ``--simulate``, then parse as usual."""
-        return super().parse_args(ctx, expand_bare_simulate(args))
-
-
-def expand_bare_simulate(args: Sequence[str]) -> list[str]:
-    """``--simulate`` not followed by a mode becomes ``--simulate=always`` (up to ``--``)."""
-    expanded: list[str] = []
-    for position, arg in enumerate(args):
-        if arg == "--":
-            expanded.extend(args[position:])
-            break
-        following = args[position + 1] if position + 1 < len(args) else None
-        if arg == "--simulate" and following not in SIMULATE_MODES:
-            expanded.append("--simulate=always")
-        else:
-            expanded.append(arg)
-    return expanded
-
-
-def client_options(command: Callable[..., None]) -> Callable[..., None]:
-    """Add the shared client options to a command; it receives them as ``client=``."""
-
-    @functools.wraps(command)
-    def wrapper(
-        *args: Any,
-        simulate: str,
-        base_url: str | None,
-        max_in_flight: int,
-        request_timeout: float,
-        poll_interval: float | None,
-        allow_insecure: bool,
-        **kwargs: Any,
-    ) -> None:
-        options = ClientOptions(
-            simulate=simulate,
-            base_url=base_url,
-            max_in_flight=max_in_flight,
-            request_timeout=request_timeout,
-            poll_interval=poll_interval,
-            allow_insecure=allow_insecure,
-        )
-        command(*args, client=options, **kwargs)
-
-    decorators = (
-        click.option(
-            "--simulate",
-            type=click.Choice(SIMULATE_MODES),
-            default="never",
-            is_flag=False,
-            flag_value="always",
-            show_default=True,
-            help="Run against a built-in simulator instead of Kling. Bare --simulate means "
-            "always; --simulate=auto simulates only when no credentials are set (write the "
-            "mode after '='). Each run starts a fresh simulator, so it suits extend --wait "
-            "and batch; for a lasting one see `kling-async simulate`.",
-        ),
-        click.option(
-            "--base-url",
-            metavar="URL",
-            help="API root, with a gateway's /kling prefix if it has one "
-            f"[default: $KLING_BASE_URL, else {DEFAULT_BASE_URL}].",
-        ),
-        click.option(
-            "--allow-insecure",
-            is_flag=True,
-            help="Allow a plain http:// --base-url to a host that is not this machine "
-            "(the key then crosses the network in clear text).",
-        ),
-        click.option(
-            "--max-in-flight",
-            type=click.IntRange(min=1),
-            default=8,
-            metavar="N",
-            show_default=True,
-            help="Most HTTP requests open at once (polls and retries included).",
-        ),
-        click.option(
-            "--request-timeout",
-            type=click.FloatRange(min=0, min_open=True),
-            default=60.0,
-            show_default=True,
-            metavar="SECONDS",
-            help="Time limit of one HTTP request.",
-        ),
-        click.option(
-            "--poll-interval",
-            type=click.FloatRange(min=0, min_open=True),
-            metavar="SECONDS",
-            help="Poll tasks every SECONDS (for testing; by default polls start after "
-            "2 s and grow to 15 s apart).",
-        ),
+def poll_policy(options: ClientOptions) -> PollPolicy | None:
+    """A fixed-interval poll policy when ``--poll-interval`` was given."""
+    if options.poll_interval is None:
+        return None
+    return PollPolicy(
+        initial=options.poll_interval,
+        factor=1.0,
+        max_interval=options.poll_interval,
+        jitter=0.0,
     )
-    for decorator in reversed(decorators):
-        wrapper = decorator(wrapper)
-    return wrapper
 
 
 def has_credentials() -> bool:
@@ -238,7 +122,7 @@ async def open_client(
     settings: dict[str, Any] = {
         "max_in_flight": options.max_in_flight,
         "timeout": options.request_timeout,
-        "poll": options.poll_policy(),
+        "poll": poll_policy(options),
     }
     if not simulated:
         async with KlingClient(
