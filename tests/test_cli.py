@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -699,12 +700,69 @@ def test_live_displays_on_a_terminal(
     shown = ANSI.sub("", terminal.getvalue())
     assert "8/8" in shown
     assert "7 ok" in shown
-    assert "row 5" in shown and "cfg_scale: must be a number from 0 to 1 (given: 1.5)" in shown
+    bad = next(line for line in shown.splitlines() if "cfg_scale" in line)
+    assert bad.split()[:3] == ["✗", "5", "invalid"]
+    # (the problem wraps within its own column)
+    assert "cfg_scale: must be a number from 0 to 1" in bad
+    assert "(given: 1.5)" in shown
     assert "batch done: 7 ok, 1 failed" in shown
     task = lines(result.stdout)[-1]["task"]
     assert invoke("wait", task["task_id"], *FAST).exit_code == 0
     assert invoke("download", task["task_id"], tmp_path / "copy.mp4").exit_code == 0
     assert "succeed" in terminal.getvalue()
+
+
+def test_batch_rows_keep_their_columns_from_in_flight_to_finished() -> None:
+    from kling_async._cli._rows_out import RowOutcome
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=140, highlight=False)
+    display = _cli_progress.LiveBatchDisplay(2, console, rows=True)
+    with display:
+        display.row_state(1, "queued", "v-input-1")
+        display.row_state(1, "processing")  # the video column stays the input's
+        console.print(display._renderable())
+        display.row_done(
+            RowOutcome(
+                row=1,
+                ok=True,
+                status="succeed",
+                video_id="v-result-1",
+                duration=5.1,
+                file="d/1-v-input-1.mp4",
+                source_video_id="v-input-1",
+                elapsed=12.0,
+            )
+        )
+    text = ANSI.sub("", screen.getvalue()).splitlines()
+    headers = [line for line in text if line.split()[:3] == ["row", "status", "video"]]
+    assert headers, text
+    header = headers[0]
+    columns = ["row", "status", "video", "result", "length", "time", "file", "/", "problem"]
+    assert header.split() == columns
+    flying = next(line for line in text if "processing" in line)
+    done = next(line for line in text if "succeed" in line)
+    for line in (flying, done):
+        assert line.index("v-input-1") == header.index("video")  # the input's id, always
+    assert done.index("v-result-1") == header.index("result")
+    assert "v-result" not in flying
+    # Right-aligned numbers end where their headers end: a duration under "length" only
+    # once there is a video; the time since the row was read under "time".
+    assert done.index("5.1 s") + len("5.1 s") == header.index("length") + len("length")
+    assert done.index("12.0 s") + len("12.0 s") == header.index("time") + len("time")
+    assert flying.rstrip().endswith(" s")
+    flying_time = flying.rstrip().rsplit(" ", 2)[-2] + " s"
+    assert flying.rindex(flying_time) + len(flying_time) == header.index("time") + len("time")
+
+
+@simulator(processing_time=0.05)
+def test_batch_summary_counts_one_row_as_a_row(
+    invoke: Invoke, kling_env: Simulator, tmp_path: Path
+) -> None:
+    source = write(tmp_path / "one.jsonl", '{"video_id": "v1", "prompt": "a"}\n')
+    result = invoke("batch", source, "--no-journal", *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert "batch done: 1 ok, 0 failed, 1 row in " in result.stderr
 
 
 # -- simulate ----------------------------------------------------------------------------------
@@ -740,6 +798,18 @@ def test_simulate_serves_until_interrupted(invoke: Invoke, monkeypatch: pytest.M
         for stream in (server.stdout, server.stderr):
             if stream is not None:
                 stream.close()
+
+
+def test_simulate_on_a_busy_port_suggests_port_0(invoke: Invoke) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = invoke("simulate", "--port", str(port))
+    assert result.exit_code == 2, result.stderr
+    assert f"port {port} on 127.0.0.1 is in use" in result.stderr
+    assert "--port 0" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # -- the README's main command --------------------------------------------------------------

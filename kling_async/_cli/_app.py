@@ -8,6 +8,7 @@ what it runs on (the client, rich) when it runs, so ``--help`` stays quick.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -318,7 +319,13 @@ def simulate(host: str, port: int, processing_time: float, failure_rate: float) 
       export KLING_BASE_URL=http://127.0.0.1:8765 KLING_API_KEY=sim-api-key
       kling-async extend 828006748715380777 "the sun sets" --wait
     """
-    from kling_async._cli._runtime import EXIT_INTERRUPTED, EXIT_OK, run_async
+    from kling_async._cli._runtime import (
+        EXIT_INTERRUPTED,
+        EXIT_OK,
+        EXIT_USAGE,
+        CommandError,
+        run_async,
+    )
     from kling_async.testing import Simulator
 
     def announce(simulator: Simulator) -> None:
@@ -334,7 +341,16 @@ def simulate(host: str, port: int, processing_time: float, failure_rate: float) 
             processing_time=processing_time,
             failure_rate=failure_rate,
         )
-        await simulator.serve_until_signalled(announce)
+        try:
+            await simulator.serve_until_signalled(announce)
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise
+            raise CommandError(
+                f"port {port} on {host} is in use: pick another with --port, or --port 0 "
+                "for any free one (the export line then names it)",
+                EXIT_USAGE,
+            ) from None
         return EXIT_OK
 
     code = run_async(serve)

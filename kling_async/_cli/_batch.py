@@ -115,9 +115,10 @@ def batch(
     watermark (CSV: true/false, 1/0, yes/no) and parent_task_id. A JSON null or an empty
     CSV cell means "not given"; an unknown field makes the row bad.
 
-    Reports each row as it finishes. On a terminal: a readable line (row, status,
-    video id, duration, saved file, or the error), under a live display of the rows in
-    flight. To a file or a pipe, or with --json: one JSON line per row,
+    Reports each row as it finishes. On a terminal: a readable line under a header (row,
+    status, input video id, result video id, its length, time since the row was read,
+    saved file or the error), above a live display of the rows in flight in the same
+    columns. To a file or a pipe, or with --json: one JSON line per row,
     {"row": N, "ok": ..., "task": {...}, "error": {...} or null, "file": ... or null}.
     A bad row is reported naming the row, the field, the rule and the value given,
     sends nothing, and the batch goes on. Progress goes to stderr.

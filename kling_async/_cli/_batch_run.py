@@ -21,6 +21,7 @@ import contextlib
 import io
 import re
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import IO, Any, Final
@@ -124,6 +125,8 @@ class BatchRun:
         #: Rows read and sent on, without a result line yet (with the last task seen).
         self._unfinished: dict[int, Task | None] = {}
         self._downloads: set[asyncio.Task[None]] = set()
+        #: Row number -> when it was read (the readable rows' ``time`` column).
+        self._read_at: dict[int, float] = {}
         #: Set once the first row sent has an answer: the other rows wait for it.
         self._first_answer = asyncio.Event()
         self.failed = 0
@@ -187,6 +190,7 @@ class BatchRun:
                 await self._first_answer.wait()
             self._row_of_index[index] = row.number
             self._unfinished[row.number] = None
+            self._read_at[row.number] = time.monotonic()
             self._request_of_row[row.number] = row.request
             self._display.row_state(row.number, "queued", row.request.video_id)
             index += 1
@@ -293,7 +297,8 @@ class BatchRun:
                 }
             )
         self._unfinished.pop(row, None)
-        self._request_of_row.pop(row, None)
+        request = self._request_of_row.pop(row, None)
+        read_at = self._read_at.pop(row, None)
         if not ok:
             self.failed += 1
         video = task.videos[0] if task is not None and task.videos else None
@@ -309,6 +314,8 @@ class BatchRun:
             duration=video.duration if video is not None else None,
             problem=problem,
             file=_shown_path(file) if file is not None else None,
+            source_video_id=request.video_id if request is not None else None,
+            elapsed=time.monotonic() - read_at if read_at is not None else None,
         )
         if self._readable is not None:
             self._readable.write(outcome)

@@ -27,11 +27,10 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from rich.table import Table
 from rich.text import Text
 
 from kling_async import BatchProgress, Task
-from kling_async._cli._rows_out import STATUS_WIDTH, VIDEO_WIDTH, RowOutcome
+from kling_async._cli._rows_out import RowOutcome, row_table, seconds
 
 
 def stderr_console() -> Console:
@@ -94,7 +93,8 @@ class BatchDisplay:
         """``batch done: 7 ok, 1 failed, 8 rows in 5.2 s``."""
         rows = self.ok + self.failed
         elapsed = time.monotonic() - self._started
-        return f"batch done: {self.ok} ok, {self.failed} failed, {rows} rows in {elapsed:.1f} s"
+        counted = "1 row" if rows == 1 else f"{rows} rows"
+        return f"batch done: {self.ok} ok, {self.failed} failed, {counted} in {elapsed:.1f} s"
 
     def finish(self) -> None:
         """Print the summary line."""
@@ -123,6 +123,7 @@ class LiveBatchDisplay(BatchDisplay):
         self._console = console
         self._print_rows = rows
         self._in_flight: dict[int, _InFlight] = {}
+        self._printed_header = False
         self._progress = Progress(
             TextColumn("[bold]batch"),
             BarColumn(bar_width=30),
@@ -165,20 +166,20 @@ class LiveBatchDisplay(BatchDisplay):
         if not self._in_flight:
             return self._progress
         now = time.monotonic()
-        table = Table.grid(padding=(0, 1))
-        table.add_column(width=1)
-        table.add_column(width=8, no_wrap=True)
-        table.add_column(width=STATUS_WIDTH, no_wrap=True)
-        table.add_column(width=VIDEO_WIDTH, no_wrap=True, overflow="ellipsis")
-        table.add_column(width=6, no_wrap=True, justify="right")
+        # The finished rows' columns, each meaning the same in flight: the input's video
+        # id, no result or length yet, the time since the row was read.
+        table = row_table(header=True)
         shown = sorted(self._in_flight.items())[:_SHOWN_IN_FLIGHT]
         for row, flight in shown:
             table.add_row(
                 Text("·", style="dim"),
-                Text(f"row {row}"),
+                Text(str(row)),
                 Text(flight.state, style=_STATE_STYLES.get(flight.state, "")),
                 Text(flight.video_id or "", style="dim"),
-                Text(f"{now - flight.since:.0f} s", style="dim"),
+                Text(""),
+                Text(""),
+                Text(seconds(now - flight.since), style="dim"),
+                Text(""),
             )
         hidden = len(self._in_flight) - len(shown)
         parts: list[RenderableType] = [table]
@@ -203,12 +204,13 @@ class LiveBatchDisplay(BatchDisplay):
         self._refresh()
 
     def row_state(self, row: int, state: str, video_id: str | None = None) -> None:
-        """List a row in flight with its state (and how long it has been in it)."""
+        """List a row in flight with its state (and how long since it was read)."""
         previous = self._in_flight.get(row)
         if previous is not None and previous.state == state:
             return
         video = video_id or (previous.video_id if previous is not None else None)
-        self._in_flight[row] = _InFlight(state, video, time.monotonic())
+        since = previous.since if previous is not None else time.monotonic()
+        self._in_flight[row] = _InFlight(state, video, since)
 
     def _show_row(self, outcome: RowOutcome) -> None:
         self._in_flight.pop(outcome.row, None)
@@ -216,7 +218,8 @@ class LiveBatchDisplay(BatchDisplay):
         # Redraw first, so that the live part's height is the one printing moves over.
         self._live.refresh()
         if self._print_rows or not outcome.ok:
-            self._console.print(outcome.render())
+            self._console.print(outcome.render(header=not self._printed_header))
+            self._printed_header = True
 
     def finish(self) -> None:
         """Print the summary line below the bar."""

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import attrs
 import orjson
@@ -94,13 +94,52 @@ class JsonLinesWriter:
             self._file.flush()
 
 
+#: Widths shared by finished rows and the live display's rows in flight.
+STATUS_WIDTH = 11
+VIDEO_WIDTH = 18  # Kling's ids have 18 digits; a longer id is cut with an ellipsis
+#: The columns of a batch row, finished or in flight, each with one meaning throughout:
+#: (header, width, justify). The last column (file or problem) takes the rest.
+ROW_COLUMNS: tuple[tuple[str, int, Literal["left", "right"]], ...] = (
+    ("", 1, "left"),  # ✓, ✗, or · in flight
+    ("row", 5, "right"),
+    ("status", STATUS_WIDTH, "left"),
+    ("video", VIDEO_WIDTH, "left"),  # the row's input video id
+    ("result", VIDEO_WIDTH, "left"),  # the extended video's id, once there is one
+    ("length", 6, "right"),  # the extended video's duration
+    ("time", 6, "right"),  # since the row was read: running, then in all
+)
+
+
+def row_table(*, header: bool) -> Table:
+    """An empty table with the batch rows' columns (and their header, if `header`)."""
+    table = Table(
+        box=None,
+        show_header=header,
+        show_edge=False,
+        pad_edge=False,
+        padding=(0, 1),
+        header_style="bold",
+    )
+    for title, width, justify in ROW_COLUMNS:
+        table.add_column(title, width=width, no_wrap=True, justify=justify, overflow="ellipsis")
+    table.add_column("file / problem", ratio=1, overflow="fold")
+    return table
+
+
+def seconds(value: float | None) -> str:
+    """A duration for the ``length`` and ``time`` columns."""
+    return "" if value is None else f"{value:.1f} s" if value < 100 else f"{value:.0f} s"
+
+
 @attrs.frozen
 class RowOutcome:
     """One finished batch row, as the readable output shows it.
 
     `status` is the task's status, ``"invalid"`` for a row that was never sent, or
-    ``"error"`` for a row whose task could not be created; `problem` says what went
-    wrong (without the ``row N:`` prefix), `file` where the video was saved.
+    ``"error"`` for a row whose task could not be created; `source_video_id` is the
+    row's own video id, `video_id` and `duration` the extended video's; `problem` says
+    what went wrong (without the ``row N:`` prefix), `file` where the video was saved,
+    `elapsed` the seconds since the row was read.
     """
 
     row: int
@@ -110,6 +149,8 @@ class RowOutcome:
     duration: float | None = None
     problem: str | None = None
     file: str | None = None
+    source_video_id: str | None = None
+    elapsed: float | None = None
 
     def describe(self) -> str:
         """One plain line: ``row 3: succeed, video 8091... (9.4 s), saved d/3-x.mp4``."""
@@ -124,36 +165,30 @@ class RowOutcome:
             text += f": {self.problem}"
         return text
 
-    def render(self) -> Table:
-        """The row as aligned columns; a long error wraps within its own column."""
-        grid = Table.grid(padding=(0, 1))
-        grid.add_column(width=1, no_wrap=True)  # mark
-        grid.add_column(width=8, no_wrap=True)  # "row 1234"
-        grid.add_column(width=STATUS_WIDTH, no_wrap=True)
+    def cells(self) -> list[Text]:
+        """The row's cells, in `ROW_COLUMNS` order and then file or problem."""
         style = "green" if self.ok else "red"
-        cells: list[Text] = [
-            Text("✓" if self.ok else "✗", style=style),
-            Text(f"row {self.row}", style="bold"),
-            Text(self.status, style=style),
-        ]
-        if self.video_id is not None:
-            grid.add_column(width=VIDEO_WIDTH, no_wrap=True, overflow="ellipsis")
-            grid.add_column(width=6, no_wrap=True, justify="right")  # duration
-            duration = f"{self.duration:.1f} s" if self.duration is not None else ""
-            cells += [Text(self.video_id), Text(duration)]
-        grid.add_column(ratio=1, overflow="fold")  # file or problem
         detail = Text()
         if self.file is not None:
             detail.append(self.file)
         if self.problem is not None:
             detail.append(("; " if self.file else "") + self.problem, style="red")
-        grid.add_row(*cells, detail)
-        return grid
+        return [
+            Text("✓" if self.ok else "✗", style=style),
+            Text(str(self.row), style="bold"),
+            Text(self.status, style=style),
+            Text(self.source_video_id or "", style="dim"),
+            Text(self.video_id or ""),
+            Text(seconds(self.duration)),
+            Text(seconds(self.elapsed), style="dim"),
+            detail,
+        ]
 
-
-#: Widths shared by finished rows and the live display's rows in flight.
-STATUS_WIDTH = 11
-VIDEO_WIDTH = 19
+    def render(self, *, header: bool = False) -> Table:
+        """The row in the batch rows' columns (a long error wraps within its own)."""
+        table = row_table(header=header)
+        table.add_row(*self.cells())
+        return table
 
 
 class ReadableRows:
@@ -161,10 +196,12 @@ class ReadableRows:
 
     def __init__(self, console: Console | None = None) -> None:
         self._console = console or stdout_console_wrapping()
+        self._header = True
 
     def write(self, outcome: RowOutcome) -> None:
-        """Print one finished row."""
-        self._console.print(outcome.render())
+        """Print one finished row (the columns' header above the first)."""
+        self._console.print(outcome.render(header=self._header))
+        self._header = False
 
 
 def stdout_console_wrapping() -> Console:
