@@ -33,11 +33,20 @@ if TYPE_CHECKING:
 
     from kling_async._cli._app import cli as cli
 
-__all__ = ["cli", "main"]
+__all__ = ["Interrupted", "cli", "main"]
 
 _EXTRA_MODULES = ("click", "rich")
 #: The exit status of a command interrupted by Ctrl-C (128 + SIGINT), as shells report it.
 _EXIT_INTERRUPTED = 130
+
+
+class Interrupted(BaseException):
+    """Ctrl-C inside click's own `main`, carried past it.
+
+    click turns a `KeyboardInterrupt` into "Aborted!" and exit status 1; the command
+    group re-raises one as this (which click lets through), so that `main` answers it
+    as every other Ctrl-C: "interrupted", exit status 130.
+    """
 
 
 def __getattr__(name: str) -> object:
@@ -56,7 +65,7 @@ def main(argv: Sequence[str] | None = None, *, prog_name: str = "kling-async") -
     """
     try:
         _run(argv, prog_name)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         _interrupted()
 
 

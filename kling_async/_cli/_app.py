@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from kling_async._cli import Interrupted
 from kling_async._cli._batch import batch
 from kling_async._cli._options import (
     MAX_PAGE,
@@ -48,6 +49,26 @@ def _wait_timeout_option(help_text: str) -> Callable[[F], F]:
 
 class _Group(click.Group):
     command_class = CliCommand
+
+    # Ctrl-C while click parses or a command imports what it runs (start-up is spent
+    # there): carried past click's "Aborted!" to `main`, which says "interrupted".
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except KeyboardInterrupt:
+            raise Interrupted from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted from None
 
 
 @click.group(
