@@ -623,9 +623,9 @@ def test_batch_download_failure_fails_the_row(
 ) -> None:
     source = write(tmp_path / "in.jsonl", '{"video_id": "v1", "prompt": "one"}\n')
     journal = tmp_path / "journal"
-    first = invoke("batch", source, "--journal", journal, "--download", tmp_path / "a", *FAST)
-    (saved,) = (Path(r["file"]) for r in lines(first.stdout))
-    (tmp_path / "b" / saved.name).mkdir(parents=True)  # a directory where the file goes
+    first = invoke("batch", source, "--journal", journal, "--no-wait", *FAST)
+    assert first.exit_code == 0, first.stderr
+    kling_env.inject("500", on="files", times=50)  # every try of the download
     result = invoke("batch", source, "--journal", journal, "--download", tmp_path / "b", *FAST)
     assert result.exit_code == 1
     (line,) = lines(result.stdout)
@@ -633,6 +633,74 @@ def test_batch_download_failure_fails_the_row(
     assert line["task"]["task_status"] == "succeed"
     assert line["error"]["message"].startswith("row 1: download failed: ")
     assert line["file"] is None
+    assert kling_env.counters.tasks_created == 1
+
+
+def test_batch_rows_whose_ids_read_alike_get_a_file_each(
+    invoke: Invoke, kling_env: Simulator, tmp_path: Path
+) -> None:
+    long = "x" * 130  # cut at 120 characters: two ids alike up to there
+    rows = [
+        {"video_id": "v1", "prompt": "one", "external_task_id": "clip/1"},
+        {"video_id": "v2", "prompt": "two", "external_task_id": "clip_1"},
+        {"video_id": "v3", "prompt": "three", "external_task_id": long + "a"},
+        {"video_id": "v4", "prompt": "four", "external_task_id": long + "b"},
+    ]
+    source = write(tmp_path / "in.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    result = invoke("batch", source, "--download", out, "--name-by", "external-id", *FAST)
+    assert result.exit_code == 0, result.stderr
+    files = {row: Path(line["file"]) for row, line in by_row(result.stdout).items()}
+    assert len(set(files.values())) == 4
+    assert {files[1].name, files[2].name} == {"clip_1.mp4", "clip_1-2.mp4"}
+    videos = {line["task"]["task_result"]["videos"][0]["url"] for line in lines(result.stdout)}
+    assert len(videos) == 4
+    contents = {path.read_bytes() for path in files.values()}
+    assert len(contents) == 4  # each file holds its own row's video
+
+
+def test_batch_rerun_with_new_prompts_never_takes_an_earlier_batchs_file(
+    invoke: Invoke, kling_env: Simulator, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    first_input = write(tmp_path / "first.jsonl", '{"video_id": "v1", "prompt": "sunset"}\n')
+    first = invoke("batch", first_input, "--download", out, *FAST)
+    assert first.exit_code == 0, first.stderr
+    (earlier,) = (Path(line["file"]) for line in lines(first.stdout))
+    earlier_bytes = earlier.read_bytes()
+    # Same video, new prompt, same folder: its own journal (beside its own input).
+    second_input = write(tmp_path / "second.jsonl", '{"video_id": "v1", "prompt": "sunrise"}\n')
+    second = invoke("batch", second_input, "--download", out, *FAST)
+    assert second.exit_code == 0, second.stderr
+    (line,) = lines(second.stdout)
+    assert earlier.name == "1-v1.mp4"
+    assert line["file"] == str(out / "1-v1-2.mp4")
+    assert earlier.read_bytes() == earlier_bytes  # the earlier batch's video, untouched
+    assert Path(line["file"]).read_bytes() != earlier_bytes
+    assert "saved by an earlier run" not in second.stderr
+    # Without a journal nothing records the files: an existing one is never taken either.
+    third = invoke("batch", first_input, "--download", out, "--no-journal", *FAST)
+    assert lines(third.stdout)[0]["file"] == str(out / "1-v1-3.mp4")
+
+
+def test_batch_run_again_reports_the_files_it_saved_before_as_its_own(
+    invoke: Invoke, kling_env: Simulator, tmp_path: Path
+) -> None:
+    source = write(tmp_path / "in.jsonl", '{"video_id": "v1", "prompt": "a"}\n')
+    out = tmp_path / "out"
+    first = invoke("batch", source, "--download", out, *FAST)
+    (saved,) = (Path(line["file"]) for line in lines(first.stdout))
+    inode = saved.stat().st_ino
+    again = invoke("batch", source, "--download", out, *FAST)
+    assert again.exit_code == 0, again.stderr
+    assert [Path(line["file"]) for line in lines(again.stdout)] == [saved]
+    assert saved.stat().st_ino == inode  # not downloaded again
+    assert f"saved {saved} (saved by an earlier run)" in again.stderr
+    assert kling_env.counters.tasks_created == 1
+    # The record of saved files lost: the file is not taken on trust, a new one is saved.
+    (tmp_path / "in.jsonl.journal.sqlite.files.json").unlink()
+    lost = invoke("batch", source, "--download", out, *FAST)
+    assert [line["file"] for line in lines(lost.stdout)] == [str(out / "1-v1-2.mp4")]
     assert kling_env.counters.tasks_created == 1
 
 

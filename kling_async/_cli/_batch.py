@@ -79,7 +79,9 @@ from kling_async._cli._options import (
     default="row",
     show_default=True,
     help="Name saved videos <row>-<the row's external_task_id, else its video_id>.mp4 "
-    "(row), <result video id>.mp4 (video), or <external_task_id>.mp4 (external-id).",
+    "(row), <result video id>.mp4 (video), or <external_task_id>.mp4 (external-id). A name "
+    "taken by another row, or by a file the journal does not record as this row's video, "
+    "becomes NAME-2.mp4 (and so on).",
 )
 @click.option(
     "--no-wait",

@@ -19,12 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import re
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import IO, Any, Final
+from typing import IO, Any
 
 import click
 
@@ -56,23 +55,24 @@ from kling_async._cli._runtime import (
     report,
     run_with_client,
 )
+from kling_async._cli._saved_files import SavedFiles, record_path, safe_stem
 from kling_async._deadlines import within
 from kling_async.errors import AuthenticationError, KlingError, TaskFailedError
 
-#: Characters kept in a file name made from an id (others become "_").
-_UNSAFE_NAME: Final = re.compile(r"[^\w.-]")
 
+def file_stem(row: int, task: Task, request: ExtendRequest, naming: str, width: int) -> str:
+    """The name a row's video is saved under (``--name-by``), without ``.mp4``.
 
-def file_name(row: int, task: Task, request: ExtendRequest, naming: str, width: int) -> str:
-    """The name a row's video is saved under (``--name-by``)."""
+    Two rows may get one stem (``clip/1`` and ``clip_1``): `SavedFiles.new_name` makes
+    the names unique.
+    """
     if naming == "video":
         key = task.videos[0].id
     elif naming == "external-id":
         key = task.external_task_id or request.external_task_id or task.task_id
     else:
         key = f"{row:0{width}d}-{request.external_task_id or request.video_id}"
-    name = _UNSAFE_NAME.sub("_", key)[:120]
-    return ("_" + name[1:] if name.startswith(".") else name) + ".mp4"
+    return safe_stem(key)
 
 
 class BatchRun:
@@ -115,6 +115,9 @@ class BatchRun:
         self._concurrency = concurrency or client.max_in_flight
         self._journal = journal
         self._download_dir = download_dir
+        self._saved = SavedFiles(
+            record_path(journal) if journal is not None and download_dir is not None else None
+        )
         self._naming = naming
         self._width = len(str(total)) if total else 1
         self._wait = wait
@@ -241,19 +244,22 @@ class BatchRun:
         assert result.task is not None
         assert self._download_dir is not None
         request = self._request_of_row.get(row, result.request)
-        name = file_name(row, result.task, request, self._naming, self._width)
-        target = self._download_dir / name
+        video_id = result.task.videos[0].id
         try:
+            # An earlier run of this batch saved this row's video: the record says so.
+            before = self._saved.saved_before(row, video_id)
+            if before is not None:
+                self._emit(row, task=result.task, file=before, saved_before=True)
+                return
+            stem = file_stem(row, result.task, request, self._naming, self._width)
             try:
-                if target.is_dir():  # `download` would save inside it: not what was asked
-                    raise IsADirectoryError(21, "a directory is in the way", str(target))
+                target = self._saved.new_name(row, self._download_dir, stem)
                 path = await self._client.download(result.task, target)
-            except FileExistsError as error:
-                path = Path(error.filename)
-                if not path.is_file():
-                    self._download_failed(row, result.task, error)
-                    return
-                # An earlier run saved it: downloads are renamed into place only when whole.
+                self._saved.record(row, path, video_id)
+            except FileExistsError as error:  # a file appeared there meanwhile: not ours
+                error.strerror = "a file appeared there while the video was downloading"
+                self._download_failed(row, result.task, error)
+                return
             except (KlingError, OSError) as error:
                 self._download_failed(row, result.task, error)
                 return
@@ -284,6 +290,7 @@ class BatchRun:
         error: dict[str, Any] | None = None,
         problem: str | None = None,
         file: Path | None = None,
+        saved_before: bool = False,
     ) -> None:
         ok = error is None and task is not None
         if self._writer is not None:
@@ -314,6 +321,7 @@ class BatchRun:
             duration=video.duration if video is not None else None,
             problem=problem,
             file=_shown_path(file) if file is not None else None,
+            saved_before=saved_before,
             source_video_id=request.video_id if request is not None else None,
             elapsed=time.monotonic() - read_at if read_at is not None else None,
         )

@@ -151,6 +151,15 @@ class RowOutcome:
     file: str | None = None
     source_video_id: str | None = None
     elapsed: float | None = None
+    #: `file` was saved by an earlier run of the batch (its journal records it).
+    saved_before: bool = False
+
+    @property
+    def file_note(self) -> str | None:
+        """``d/3-x.mp4``, or ``d/3-x.mp4 (saved by an earlier run)``."""
+        if self.file is None:
+            return None
+        return self.file + (" (saved by an earlier run)" if self.saved_before else "")
 
     def describe(self) -> str:
         """One plain line: ``row 3: succeed, video 8091... (9.4 s), saved d/3-x.mp4``."""
@@ -159,8 +168,8 @@ class RowOutcome:
             text += f", video {self.video_id}"
             if self.duration is not None:
                 text += f" ({self.duration:g} s)"
-        if self.file is not None:
-            text += f", saved {self.file}"
+        if self.file_note is not None:
+            text += f", saved {self.file_note}"
         if self.problem is not None:
             text += f": {self.problem}"
         return text
@@ -169,8 +178,8 @@ class RowOutcome:
         """The row's cells, in `ROW_COLUMNS` order and then file or problem."""
         style = "green" if self.ok else "red"
         detail = Text()
-        if self.file is not None:
-            detail.append(self.file)
+        if self.file_note is not None:
+            detail.append(self.file_note)
         if self.problem is not None:
             detail.append(("; " if self.file else "") + self.problem, style="red")
         return [
