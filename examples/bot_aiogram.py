@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import re
+import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
@@ -27,6 +28,7 @@ from aiogram.filters import Command, CommandObject
 from aiogram.types import Message
 
 from kling_async import (
+    ConfigurationError,
     InsufficientBalanceError,
     KlingClient,
     KlingError,
@@ -200,9 +202,18 @@ def make_router(logic: ExtendBot) -> Router:
     return router
 
 
-async def main() -> None:
+#: Said, and the program exits, when the bot has no token.
+HOW_TO_START = (
+    "TELEGRAM_BOT_TOKEN is not set: it is the token @BotFather gave your bot. Run\n"
+    "    TELEGRAM_BOT_TOKEN=... KLING_API_KEY=... python examples/bot_aiogram.py\n"
+    "(or, to try it against the simulator, KLING_BASE_URL and KLING_API_KEY from the line "
+    "`kling-async simulate` prints)"
+)
+
+
+async def main(token: str) -> None:
     logging.basicConfig(level=logging.INFO)
-    bot = Bot(token=os.environ["TELEGRAM_BOT_TOKEN"])
+    bot = Bot(token=token)
     async with KlingClient() as kling:
         logic = ExtendBot(kling, reply=lambda chat_id, text: bot.send_message(chat_id, text))
         dispatcher = Dispatcher()
@@ -215,5 +226,18 @@ async def main() -> None:
             await bot.session.close()
 
 
+def run() -> None:
+    """Start the bot, or say in one line what it needs and exit."""
+    token = os.environ.get("TELEGRAM_BOT_TOKEN", "").strip()
+    if not token:
+        sys.exit(HOW_TO_START)
+    try:
+        asyncio.run(main(token))
+    except ConfigurationError as error:  # no Kling credentials: the error names them
+        sys.exit(f"cannot start the bot: {error}")
+    except KeyboardInterrupt:
+        pass
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    run()

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import re
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timedelta, timezone
@@ -395,6 +397,25 @@ async def test_bot_aiogram_wiring_turns_a_command_into_an_extension(
 # -- generated reference -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("token", [None, "", "  "])
+def test_bot_without_a_token_says_so_and_exits(token: str | None, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TELEGRAM_BOT_TOKEN"}
+    if token is not None:
+        env["TELEGRAM_BOT_TOKEN"] = token
+    ran = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "bot_aiogram.py")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ran.returncode == 1
+    assert ran.stderr.startswith("TELEGRAM_BOT_TOKEN is not set:"), ran.stderr
+    assert "Traceback" not in ran.stderr
+
+
 def test_errors_table_has_a_row_per_code_of_the_protocol(hooks: ModuleType) -> None:
     from kling_async._protocol import ERROR_CODES
 
@@ -475,6 +496,8 @@ def test_polling_page_prose_matches_the_numbers(hooks: ModuleType) -> None:
         ("docs/guide/web-services.md", "examples/web_aiohttp.py"),
         ("docs/guide/web-services.md", "examples/web_fastapi.py"),
         ("docs/guide/bots.md", "examples/bot_aiogram.py"),
+        ("docs/guide/many-workers.md", "examples/arq_worker.py"),
+        ("docs/guide/many-workers.md", "examples/arq_producer.py"),
     ],
 )
 def test_guides_show_the_programs_the_tests_run(page: str, program: str) -> None:

@@ -7,6 +7,7 @@ The modules behind it, each owning one thing:
 - `kling_async._cli._batch`: the ``batch`` command's arguments and options;
 - `kling_async._cli._batch_run`: one run of a batch, rows in to results and files out;
 - `kling_async._cli._waiting`: waiting for one task, and what Ctrl-C leaves behind;
+- `kling_async._cli._saved_files`: the file each batch row saved, and free names;
 - `kling_async._cli._rows_in`: batch input, JSONL or CSV rows as requests or bad rows;
 - `kling_async._cli._rows_out`: what goes to stdout, JSON lines or readable text;
 - `kling_async._cli._progress`: the live displays on stderr;
