@@ -20,16 +20,26 @@ from kling_async._config import (
     resolve_base_url,
 )
 from kling_async._converter import parse_task_list
-from kling_async._models import BatchResult, ExtendRequest, PollPolicy, Task, Video
+from kling_async._models import (
+    BatchResult,
+    ExtendRequest,
+    PollPolicy,
+    ResourcePack,
+    Task,
+    Video,
+)
 from kling_async._tasks import Tasks
 from kling_async._transport import Transport
 from kling_async._types import CallbackSource, OnDownloadProgress, OnProgress, OnUpdate
 from kling_async.errors import ConfigurationError, ValidationError
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from typing_extensions import Self
 
     from kling_async._account import Account
+    from kling_async._costs import Costs
 
 MAX_PAGE_SIZE: Final = 500
 
@@ -110,6 +120,7 @@ class KlingClient:
             session=session,
         )
         self._tasks = Tasks(self._transport, self.poll, account)
+        self._costs: Costs | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._transport.closed else "open"
@@ -231,6 +242,26 @@ class KlingClient:
             if len(tasks) < page_size:
                 return
             page += 1
+
+    async def resource_packs(
+        self, *, since: datetime | None = None, name: str | None = None
+    ) -> list[ResourcePack]:
+        """The account's resource packs (``GET /account/costs``, official API only).
+
+        Kling finds packs by when they were bought, so `since` (default: 400 days ago)
+        must reach back to the purchase of the oldest pack you want to see; `name` keeps
+        only the packs of that name. Kling answers one such query a second: calls from
+        one client are spaced a second apart. The remainder it reports may lag the
+        tasks it bills by up to 12 hours.
+
+        Raises:
+            NotFoundError: the base URL does not offer the endpoint (most gateways).
+        """
+        if self._costs is None:
+            from kling_async._costs import Costs
+
+            self._costs = Costs(self._transport)
+        return await self._costs.resource_packs(since=since, name=name)
 
     # -- wait --------------------------------------------------------------------------
 

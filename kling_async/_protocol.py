@@ -33,6 +33,10 @@ from kling_async.errors import (
 )
 
 EXTEND_PATH: Final = "/v1/videos/video-extend"
+#: The official API's account costs (resource packs); gateways usually lack it.
+COSTS_PATH: Final = "/account/costs"
+#: Kling answers at most one costs query a second per account.
+COSTS_MIN_INTERVAL: Final = 1.0
 #: The longest wait a ``Retry-After`` header can impose on us.
 RETRY_AFTER_CAP: Final = 60.0
 #: The shortest wait between two POSTs of one create after a 429 (1302, 1303): Kling
@@ -163,6 +167,31 @@ def task_path(task_or_external_id: str) -> str:
 def list_path(page: int, page_size: int) -> str:
     """The path and query of one page of the task list."""
     return f"{EXTEND_PATH}?pageNum={page}&pageSize={page_size}"
+
+
+def costs_path(start_ms: int, end_ms: int, name: str | None = None) -> str:
+    """The path and query of the resource packs bought between two Unix-ms times."""
+    query = {"start_time": str(start_ms), "end_time": str(end_ms)}
+    if name is not None:
+        query["resource_pack_name"] = name
+    return f"{COSTS_PATH}?{urllib.parse.urlencode(query)}"
+
+
+def costs_not_offered(error: BaseException, base_url: str) -> NotFoundError | None:
+    """The error to raise when a costs query found no such endpoint, else None.
+
+    Any 404 to ``/account/costs`` (1202, a proxy's page, a gateway's own "not found")
+    means the base URL does not serve it: resource packs are an official-API call.
+    """
+    if not isinstance(error, NotFoundError):
+        return None
+    return NotFoundError(
+        f"{base_url} does not offer {COSTS_PATH} (resource packs are a call of Kling's "
+        "official API; most gateways do not forward it)",
+        status=error.status,
+        code=error.code,
+        request_id=error.request_id,
+    )
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:

@@ -46,6 +46,7 @@ from kling_async._cli._rows_out import (
     RowOutcome,
     error_document,
     task_document,
+    usable_units,
 )
 from kling_async._cli._runtime import (
     EXIT_FAILED,
@@ -55,6 +56,7 @@ from kling_async._cli._runtime import (
     ClientOptions,
     CommandError,
     client_options,
+    notice,
     report,
     run_with_client,
 )
@@ -289,6 +291,7 @@ class BatchRun:
             duration=video.duration if video is not None else None,
             problem=problem,
             file=_shown_path(file) if file is not None else None,
+            units=task.units_deducted if task is not None else None,
         )
         if self._readable is not None:
             self._readable.write(outcome)
@@ -311,6 +314,17 @@ class BatchRun:
             problem = f"not started: {reason} first"
             error = {"type": "WaitTimeoutError", "message": f"row {rest.number}: {problem}"}
             self._emit(rest.number, error=error, problem=problem)
+
+
+async def usable_credit(kling: KlingClient) -> float | None:
+    """Units left in the account's usable packs; None where the API does not say (gateways)."""
+    try:
+        packs = await kling.resource_packs()
+    except AuthenticationError:
+        raise  # a wrong key stops the batch here, before any row is sent
+    except KlingError:
+        return None  # a gateway without the call, or no answer: the batch says nothing
+    return usable_units(packs)[0]
 
 
 def _shown_path(path: Path) -> str:
@@ -470,6 +484,9 @@ def batch(
             readable = ReadableRows()  # stderr is not the terminal: rows go to stdout
 
         async def body(kling: KlingClient) -> int:
+            before = await usable_credit(kling)
+            if before is not None:
+                notice(f"resource packs: {before:g} units usable before the batch")
             run = BatchRun(
                 kling,
                 rows,
@@ -486,6 +503,10 @@ def batch(
             with display:
                 code = await run.run(timeout)
             display.finish()
+            if before is not None:
+                after = await usable_credit(kling)
+                if after is not None:
+                    notice(f"resource packs: {after:g} units usable now (Kling may lag)")
             return code
 
         state = journal.with_name(journal.name + ".sim-state.json") if journal else None
