@@ -59,7 +59,7 @@ class Batch:
         journal: str | Path | None,
         on_progress: OnProgress | None,
         callbacks: CallbackSource | None,
-        on_update: Callable[[int, Task], None] | None = None,
+        on_update: Callable[[int, Task], object] | None = None,
     ) -> None:
         if not is_int_in(concurrency, 1):
             raise ValidationError("concurrency", "must be an integer of at least 1", concurrency)
@@ -304,10 +304,14 @@ class Batch:
         await record(FINISHED, final)
         return BatchResult(index=index, request=request, task=final)
 
-    def _item_update(self, index: int) -> Callable[[Task], None]:
+    def _item_update(self, index: int) -> Callable[[Task], Any]:
         assert self._on_update is not None
         on_update = self._on_update
-        return lambda task: on_update(index, task)
+
+        def update(task: Task) -> Any:
+            return on_update(index, task)
+
+        return update
 
     def _check_credit(self) -> None:
         if self._no_credit is not None:
@@ -340,7 +344,7 @@ async def extend_many(
     journal: str | Path | None = None,
     on_progress: OnProgress | None = None,
     callbacks: CallbackSource | None = None,
-    on_update: Callable[[int, Task], None] | None = None,
+    on_update: Callable[[int, Task], object] | None = None,
 ) -> AsyncGenerator[BatchResult, None]:
     """See `KlingClient.extend_many`; `on_update(index, task)` hears each item's task
     status as it changes (the command line's per-row display uses it)."""
@@ -354,5 +358,11 @@ async def extend_many(
         callbacks=callbacks,
         on_update=on_update,
     )
-    async for result in batch.run():
-        yield result
+    # Closed here, not left to the loop's finalizer: leaving the caller's `async for`
+    # cancels the items in flight before `aclose()` returns.
+    results = batch.run()
+    try:
+        async for result in results:
+            yield result
+    finally:
+        await results.aclose()

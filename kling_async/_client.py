@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Sequence,
+)
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
@@ -370,6 +377,7 @@ class KlingClient:
         journal: str | os.PathLike[str] | None = None,
         on_progress: OnProgress | None = None,
         callbacks: CallbackSource | None = None,
+        on_update: Callable[[int, Task], object] | None = None,
     ) -> AsyncGenerator[BatchResult, None]:
         """Run many extensions, yielding one `BatchResult` per input as each finishes.
 
@@ -390,6 +398,8 @@ class KlingClient:
             on_progress: called (sync or async) with a `BatchProgress` as items move.
             callbacks: a `CallbackReceiver`: its URL becomes each item's `callback_url`
                 and a callback ends a wait early.
+            on_update: called (synchronously) as ``on_update(index, task)`` on every
+                status change of an item's task.
         """
         from kling_async._batch import extend_many
 
@@ -401,6 +411,7 @@ class KlingClient:
             journal=os.fspath(journal) if journal is not None else None,
             on_progress=on_progress,
             callbacks=callbacks,
+            on_update=on_update,
         )
 
     async def download(

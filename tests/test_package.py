@@ -22,6 +22,8 @@ CONTRACT = {
     "BatchProgress",
     "PollPolicy",
     "InMemoryAccount",
+    "SyncKlingClient",
+    "ResourcePack",
     "OnUpdate",
     "OnProgress",
     "KlingError",
