@@ -46,8 +46,9 @@ _NO_CREDENTIALS: dict[str, str | None] = dict.fromkeys(
 def tests(session: nox.Session) -> None:
     """Run the test suite with branch coverage (subprocesses included); fail under 90 %."""
     # Editable, so the tests, the subprocesses they start and coverage all see the
-    # same files: ./kling_async.
-    session.install("-e", ".[test]")
+    # same files: ./kling_async. The otel extra (and the test extra's SDK) make the
+    # telemetry tests (tests/test_telemetry.py) run, not skip.
+    session.install("-e", ".[otel,test]")
     session.run(
         "pytest",
         # Most tests wait on sockets and subprocesses: more workers than cores pay off.

@@ -22,7 +22,7 @@ runs both sides in the same run, against the same simulator process, in alternat
 
 Options: ``--items N`` (default 20000), ``--rounds R`` (default 5), ``--calls C`` (per
 call, default 2000), ``--import-reps K`` (default 40), ``--rss-small``, ``--rss-large``
-(defaults 10000 and 100000), ``--only {cpu,throughput,import,rss,accounts}``
+(defaults 10000 and 100000), ``--only {cpu,throughput,import,rss,accounts,otel}``
 (repeatable).
 """
 
@@ -273,7 +273,7 @@ def main() -> int:
     parser.add_argument(
         "--only",
         action="append",
-        choices=["cpu", "throughput", "import", "rss", "accounts"],
+        choices=["cpu", "throughput", "import", "rss", "accounts", "otel"],
         default=None,
     )
     parser.add_argument("--rss-child", nargs=3, metavar=("N", "BASE_URL", "API_KEY"))
@@ -282,7 +282,7 @@ def main() -> int:
         n, base_url, api_key = args.rss_child
         rss_child(base_url, api_key, int(n))
         return 0
-    only = set(args.only or ["cpu", "throughput", "import", "rss", "accounts"])
+    only = set(args.only or ["cpu", "throughput", "import", "rss", "accounts", "otel"])
     if args.skip_rss:
         only.discard("rss")
 
@@ -304,6 +304,10 @@ def main() -> int:
     rss = None
     if "rss" in only:
         rss = (args.rss_small, args.rss_large, _rss(args, report))
+    if "otel" in only:
+        import telemetry
+
+        report["otel"] = telemetry.run(rounds=args.rounds, calls=args.calls)
     account_rows: list[accounts.Row] = []
     if "accounts" in only:
         account_rows, report["accounts"] = accounts.run(rounds=min(args.rounds, 3))

@@ -37,7 +37,7 @@ from typing import Final
 
 import attrs
 
-from kling_async import _protocol
+from kling_async import _protocol, _telemetry
 from kling_async._config import is_int_in
 from kling_async._deadlines import IO_TIMEOUT
 from kling_async._models import Task
@@ -274,6 +274,8 @@ class InMemoryAccount(Account):
         if self.max_running is None and len(self._held) >= self.limit:
             # Only while at the limit: room nobody asked for proves nothing.
             self._limit += 1.0 if self._slow_start else 1.0 / self._limit
+            if _telemetry.AVAILABLE:
+                _telemetry.account_limit(self.limit, type(self).__name__)
             self._wake()
 
     async def refused(self, slot: AccountSlot, retry_after: float | None = None) -> None:
@@ -281,6 +283,8 @@ class InMemoryAccount(Account):
             # Everyone else holding a slot is a running task the account accepted.
             self._limit = float(max(1, len(self._held) - 1))
             self._slow_start = False
+            if _telemetry.AVAILABLE:
+                _telemetry.account_limit(self.limit, type(self).__name__)
         slot.creating = False
         self._free(slot)  # our own slot freeing is not the news we wait for
         if self._freed is None:

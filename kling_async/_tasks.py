@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import backoff
 
-from kling_async import _protocol
+from kling_async import _protocol, _telemetry
 from kling_async._converter import parse_task, request_body
 from kling_async._deadlines import IO_TIMEOUT, within
 from kling_async._hooks import call_back
@@ -168,6 +168,8 @@ class _Create:
                     return task
             elif isinstance(error, RateLimitError):
                 self.limited_at = time.monotonic()
+                if _telemetry.AVAILABLE and _protocol.is_concurrency_limit(error):
+                    _telemetry.create_refused()
             raise
         except asyncio.CancelledError:
             self._ambiguous()  # the request may be on its way
@@ -220,8 +222,11 @@ class Tasks:
             self.transport.send, "GET", _protocol.task_path(key)
         )
         task = parse_task(data, request_id=request_id)
-        if self.account is not None and task.is_terminal:
-            await self.account.finished(task)
+        if task.is_terminal:
+            if _telemetry.AVAILABLE:
+                _telemetry.task_finished(task)
+            if self.account is not None:
+                await self.account.finished(task)
         return task
 
     async def lookup(self, external_task_id: str) -> Task | None:
@@ -236,6 +241,21 @@ class Tasks:
     # -- create -------------------------------------------------------------------------
 
     async def create(
+        self,
+        request: ExtendRequest,
+        **options: Any,
+    ) -> Task:
+        """`create_once`, reported as a ``kling extend`` span when telemetry records."""
+        report = _telemetry.operation("kling extend", {}) if _telemetry.AVAILABLE else None
+        if report is None:
+            return await self.create_once(request, **options)
+        with report:
+            task = await self.create_once(request, **options)
+            report.task(task)
+        _telemetry.task_created(task)
+        return task
+
+    async def create_once(
         self,
         request: ExtendRequest,
         *,
@@ -266,6 +286,8 @@ class Tasks:
         given = request.external_task_id is not None
         external_id: str = request.external_task_id or uuid.uuid4().hex
         body["external_task_id"] = external_id
+        if _telemetry.AVAILABLE:
+            _telemetry.set_current("kling.external_task_id", external_id)
         key = (self.transport.base_url, external_id)
         create = _Create(self.transport.send, body, external_id, before_post)
         if look_up_first if look_up_first is not None else given:
@@ -461,7 +483,29 @@ class Tasks:
         """Poll (and listen to callbacks) until the task ends; see `wait_for_task`.
 
         The task's slot in `account` (default: the client's) is freed when it ends.
+        Reported as a ``kling wait`` span when telemetry records.
         """
+        report = (
+            _telemetry.operation("kling wait", {"kling.task_id": task_id})
+            if _telemetry.AVAILABLE
+            else None
+        )
+        if report is None:
+            return await self._wait(task_id, last, timeout, on_update, callbacks, account)
+        with report:
+            task = await self._wait(task_id, last, timeout, on_update, callbacks, account)
+            report.task(task)
+        return task
+
+    async def _wait(
+        self,
+        task_id: str,
+        last: Task | None,
+        timeout: float,
+        on_update: OnUpdate | None,
+        callbacks: CallbackSource | None,
+        account: Account | None,
+    ) -> Task:
         account = account or self.account
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -472,6 +516,8 @@ class Tasks:
         try:
             while True:
                 if last is not None and last.is_terminal:
+                    if _telemetry.AVAILABLE:
+                        _telemetry.task_finished(last)
                     if account is not None:
                         await account.finished(last)
                     if last.failed:

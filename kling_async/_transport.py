@@ -26,9 +26,9 @@ import backoff
 import orjson
 from yarl import URL
 
-from kling_async import _protocol
+from kling_async import _protocol, _telemetry
 from kling_async._auth import Auth
-from kling_async.errors import APIConnectionError, APITimeoutError, KlingError
+from kling_async.errors import APIConnectionError, APIStatusError, APITimeoutError, KlingError
 
 T = TypeVar("T")
 
@@ -36,6 +36,11 @@ logger = logging.getLogger("kling_async")
 
 #: Which try of a call is running (1 = the first), for log lines.
 _ATTEMPT: contextvars.ContextVar[int] = contextvars.ContextVar("kling_attempt", default=1)
+
+#: While `send` runs inside its telemetry report: where it puts the HTTP status it got.
+_REPORTED: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "kling_reported", default=None
+)
 
 #: First retry waits up to this long (full jitter), doubling per attempt ...
 RETRY_BASE: Final = 0.5
@@ -215,6 +220,12 @@ class Transport:
             headers = {**headers, "Content-Type": "application/json"}
         debug = logger.isEnabledFor(logging.DEBUG)
         started = time.perf_counter() if debug else 0.0
+        if _telemetry.AVAILABLE and _telemetry.enabled() and _REPORTED.get() is None:
+            report = _telemetry.http_span(
+                method, self._base + path, _ATTEMPT.get() - 1, time.perf_counter()
+            )
+            if report is not None:
+                return await self._send_reported(report, method, path, body, resigned)
         async with self._semaphore:
             try:
                 async with session.request(
@@ -228,6 +239,10 @@ class Transport:
                     payload = await response.read()
                     status = response.status
                     response_headers = response.headers
+                if _telemetry.AVAILABLE:
+                    reported = _REPORTED.get()
+                    if reported is not None:
+                        reported.append(status)
             except (asyncio.TimeoutError, aiohttp.ClientError) as error:
                 failure = connection_error(error, method, path)
                 if debug:
@@ -246,6 +261,31 @@ class Transport:
         if debug:
             _log(method, path, status, 0, decoded[1], started)
         return decoded
+
+    async def _send_reported(
+        self,
+        report: _telemetry.HttpSpan,
+        method: str,
+        path: str,
+        body: Any,
+        resigned: bool,
+    ) -> tuple[Any, str | None]:
+        """`send`, with its outcome handed to telemetry (status, or the error's class)."""
+        statuses: list[int] = []
+        error_type: str | None = None
+        token = _REPORTED.set(statuses)
+        try:
+            return await self.send(method, path, body, resigned=resigned)
+        except APIStatusError as error:
+            error_type = str(error.status) if error.status >= 400 else type(error).__name__
+            raise
+        except BaseException as error:
+            # Our exception's class (a 2xx that is not the envelope, a timeout ...).
+            error_type = type(error).__name__
+            raise
+        finally:
+            _REPORTED.reset(token)
+            report.end(statuses[-1] if statuses else None, error_type, time.perf_counter())
 
     # -- retries -----------------------------------------------------------------------
 
