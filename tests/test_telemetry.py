@@ -70,10 +70,10 @@ def _providers() -> Iterator[None]:
 
 
 @pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
+def spans() -> InMemorySpanExporter:
     _ALL_SPANS.extend(_EXPORTER.get_finished_spans())
     _EXPORTER.clear()
-    yield _EXPORTER
+    return _EXPORTER
 
 
 @pytest.fixture
