@@ -255,3 +255,11 @@ async def test_a_storm_of_create_faults_bills_each_item_once_within_the_plan(see
             }
     finally:
         set_testing(True)
+
+
+async def test_waiting_on_a_create_answer_that_already_says_succeed_returns_the_videos() -> None:
+    # A create's answer carries no result: its "succeed" is not the end of the wait.
+    async with Simulator(submit_time=0, processing_time=0) as sim, client(sim) as kling:
+        task = await kling.extend(request())
+        done = await kling.wait_for_task(task)
+    assert done.succeeded and done.videos
