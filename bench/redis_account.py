@@ -23,6 +23,8 @@ from pathlib import Path
 # The repository root, for the tests' redis-server helper (bench/ is run as a script).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import redis.asyncio as aioredis
+
 from kling_async import Task, TaskStatus
 from kling_async.redis import RedisAccount
 from tests.redis_server import RedisServer, find_redis_server
@@ -50,21 +52,41 @@ async def _one(account: RedisAccount, index: int) -> None:
     await account.finished(Task(f"task-{index}", TaskStatus.SUCCEED))
 
 
-async def measure(url: str, creates: int, concurrency: int) -> float:
-    account = RedisAccount(url, name=f"bench-{uuid.uuid4().hex[:8]}", max_running=64)
+async def _script_calls(raw: aioredis.Redis) -> int:
+    stats = await raw.info("commandstats")
+    return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("evalsha", "eval"))
+
+
+async def measure(url: str, creates: int, concurrency: int) -> tuple[float, float]:
+    """Milliseconds per create, and Redis round trips (script calls) per create."""
+    name = f"bench-{uuid.uuid4().hex[:8]}"
+    raw = aioredis.Redis.from_url(url)
+    # An account in use already: a new name's first take waits one lease (Redis cannot
+    # tell it from a restart that lost the data).
+    await raw.set(f"kling:{{{name}}}:epoch", "in use")
+    account = RedisAccount(url, name=name, max_running=64)
     try:
         await _one(account, -1)  # connect and load the scripts first
+        await asyncio.gather(*account._background)
         queue = iter(range(creates))
 
         async def caller() -> None:
             for index in queue:
                 await _one(account, index)
 
+        calls = await _script_calls(raw)
         start = time.perf_counter()
         await asyncio.gather(*(caller() for _ in range(concurrency)))
-        return (time.perf_counter() - start) * 1000 / creates
+        # `finished` gives the slot back in the background: count that in.
+        while account._background:
+            await asyncio.gather(*account._background)
+        elapsed = (time.perf_counter() - start) * 1000 / creates
+        # Less the one INFO call; renewals (every lease / 3) may add a few.
+        trips = (await _script_calls(raw) - calls) / creates
+        return elapsed, trips
     finally:
         await account.aclose()
+        await raw.aclose()
 
 
 def main() -> None:
@@ -79,9 +101,11 @@ def main() -> None:
                 for _ in range(options.rounds)
             ]
             print(
-                f"RedisAccount per create ({label}): {statistics.median(runs):.3f} ms"
-                f" (acquire + created + finished; median of {options.rounds} x"
-                f" {options.creates})"
+                f"RedisAccount per create ({label}):"
+                f" {statistics.median(ms for ms, _ in runs):.3f} ms,"
+                f" {statistics.median(trips for _, trips in runs):.2f} Redis round trips"
+                f" (acquire + created + finished, max_running given; median of"
+                f" {options.rounds} x {options.creates})"
             )
 
 

@@ -2,10 +2,13 @@
 
 The secret values live only here, in slotted objects whose repr shows no secret; the
 `Authorization` header is built on demand and handed only to the API's origin.
+`Auth.secrets` lists every value a server must not be able to echo back to the user (the
+key, the secret, each token signed): the transport scrubs them from every answer.
 """
 
 from __future__ import annotations
 
+import collections
 import time
 import warnings
 from collections.abc import Callable
@@ -17,6 +20,16 @@ TOKEN_LIFETIME: Final = 1800
 RESIGN_MARGIN: Final = 300
 #: nbf is backdated by this much to absorb clock skew (API.md: nbf = now - 5).
 NOT_BEFORE_SKEW: Final = 5
+#: Credentials shorter than this are not scrubbed from answers: no real key is that
+#: short, and replacing a short value would garble ordinary words.
+MIN_SCRUBBED_LENGTH: Final = 8
+#: Tokens remembered for scrubbing (one is signed every 25 min: about five days' worth;
+#: older ones expired long before).
+SIGNED_TOKENS_KEPT: Final = 256
+
+
+def _scrubbable(*values: str) -> tuple[bytes, ...]:
+    return tuple(v.encode() for v in values if len(v) >= MIN_SCRUBBED_LENGTH)
 
 
 class Auth(Protocol):
@@ -30,15 +43,22 @@ class Auth(Protocol):
     def invalidate(self) -> bool:
         """Forget any cached token; True if a fresh one will differ (worth retrying)."""
 
+    def secrets(self) -> tuple[bytes, ...]:
+        """Every credential value that must never reach the user from an answer."""
+
 
 class BearerAuth:
     """A gateway's API key, sent as ``Bearer <key>``."""
 
-    __slots__ = ("_header",)
+    __slots__ = ("_header", "_secrets")
     kind = "api_key"
 
     def __init__(self, api_key: str) -> None:
         self._header = f"Bearer {api_key}"
+        self._secrets = _scrubbable(api_key)
+
+    def secrets(self) -> tuple[bytes, ...]:
+        return self._secrets
 
     def header(self) -> str:
         return self._header
@@ -57,7 +77,15 @@ class JWTAuth:
     passes one it controls); claims are signed from it and the cache expires by it.
     """
 
-    __slots__ = ("_access_key", "_clock", "_expires", "_header", "_secret_key")
+    __slots__ = (
+        "_access_key",
+        "_clock",
+        "_expires",
+        "_header",
+        "_secret_key",
+        "_secrets",
+        "_signed",
+    )
     kind = "access_key"
 
     def __init__(
@@ -68,13 +96,22 @@ class JWTAuth:
         self._clock = clock
         self._header = ""
         self._expires = 0.0
+        self._signed: collections.deque[str] = collections.deque(maxlen=SIGNED_TOKENS_KEPT)
+        self._secrets = _scrubbable(access_key, secret_key)
 
     def header(self) -> str:
         now = self._clock()
         if not self._header or now >= self._expires - RESIGN_MARGIN:
-            self._header = f"Bearer {self._sign(now)}"
+            token = self._sign(now)
+            self._header = f"Bearer {token}"
             self._expires = now + TOKEN_LIFETIME
+            self._signed.append(token)
+            # Newest first: a server echoes the token it was just sent.
+            self._secrets = _scrubbable(*reversed(self._signed), self._access_key, self._secret_key)
         return self._header
+
+    def secrets(self) -> tuple[bytes, ...]:
+        return self._secrets
 
     def _sign(self, now: float) -> str:
         claims = {

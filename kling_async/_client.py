@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import (
     AsyncGenerator,
@@ -38,7 +39,7 @@ from kling_async._models import (
 from kling_async._tasks import Tasks
 from kling_async._transport import Transport
 from kling_async._types import CallbackSource, OnDownloadProgress, OnProgress, OnUpdate
-from kling_async.errors import ConfigurationError, ValidationError
+from kling_async.errors import ConfigurationError, ResponseFormatError, ValidationError
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -48,7 +49,11 @@ if TYPE_CHECKING:
     from kling_async._account import Account
     from kling_async._costs import Costs
 
+logger = logging.getLogger("kling_async")
+
 MAX_PAGE_SIZE: Final = 500
+#: Kling's last page number (API.md: pageNum 1..1000): `iter_tasks` stops there.
+MAX_PAGE: Final = 1000
 
 
 def _is_account(value: object) -> bool:
@@ -227,9 +232,14 @@ class KlingClient:
         return await self._tasks.get(key)
 
     async def list_tasks(self, page: int = 1, page_size: int = 30) -> list[Task]:
-        """One page of your tasks, newest first (`page` from 1, `page_size` 1 to 500)."""
-        if not is_int_in(page, 1, None):
-            raise ValidationError("page", "must be an integer of at least 1", page)
+        """One page of your tasks, newest first (`page` 1 to 1000, `page_size` 1 to 500).
+
+        Raises:
+            ResponseFormatError: the page holds more tasks than `page_size` (a server
+                that ignores ``pageSize``); the message names the page.
+        """
+        if not is_int_in(page, 1, MAX_PAGE):
+            raise ValidationError("page", f"must be an integer from 1 to {MAX_PAGE}", page)
         if not is_int_in(page_size, 1, MAX_PAGE_SIZE):
             raise ValidationError(
                 "page_size", f"must be an integer from 1 to {MAX_PAGE_SIZE}", page_size
@@ -237,18 +247,39 @@ class KlingClient:
         data, request_id = await self._transport.retrying(
             self._transport.send, "GET", _protocol.list_path(page, page_size)
         )
-        return parse_task_list(data, request_id=request_id)
+        tasks = parse_task_list(data, request_id=request_id)
+        if len(tasks) > page_size:
+            raise ResponseFormatError(
+                f"page {page} holds {len(tasks)} tasks, more than the {page_size} asked for "
+                "(does the server ignore pageSize?)",
+                path="data",
+            )
+        return tasks
 
     async def iter_tasks(self, page_size: int = 100) -> AsyncIterator[Task]:
-        """Every task, page by page, fetching the next page only when it is reached."""
-        page = 1
-        while True:
+        """Every task, page by page, fetching the next page only when it is reached.
+
+        It ends at the first page shorter than `page_size`, at Kling's last page (1000),
+        or when a page repeats the one before (a server that ignores ``pageNum``; logged
+        as a warning): it always ends, whatever the server answers.
+        """
+        previous: list[str] | None = None
+        for page in range(1, MAX_PAGE + 1):
             tasks = await self.list_tasks(page, page_size)
+            ids = [task.task_id for task in tasks]
+            if ids == previous:
+                logger.warning(
+                    "page %d of the task list repeats page %d: the server ignores pageNum; "
+                    "stopping there",
+                    page,
+                    page - 1,
+                )
+                return
             for task in tasks:
                 yield task
             if len(tasks) < page_size:
                 return
-            page += 1
+            previous = ids
 
     async def resource_packs(
         self, *, since: datetime | None = None, name: str | None = None

@@ -110,7 +110,8 @@ def resolve_base_url(base_url: str | None, allow_insecure: bool) -> str:
     if parts.scheme == "http" and not allow_insecure and not is_loopback(host):
         raise ConfigurationError(
             f"base_url uses plain http:// to {host}, which would send credentials in clear "
-            "text; use https://, or pass allow_insecure=True if you really mean it"
+            "text; use https://, or pass allow_insecure=True (on the command line: "
+            "--allow-insecure) if you really mean it"
         )
     return url.rstrip("/")
 

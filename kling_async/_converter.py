@@ -22,7 +22,7 @@ docs/performance.md has the measurement that justifies writing it by hand.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Final
 
@@ -32,6 +32,7 @@ from kling_async._models import ExtendRequest, ResourcePack, Task, TaskStatus, V
 from kling_async.errors import ResponseFormatError, ValidationError
 
 __all__ = [
+    "REQUEST_FIELDS",
     "converter",
     "parse_callback",
     "parse_resource_packs",
@@ -39,6 +40,7 @@ __all__ = [
     "parse_task_list",
     "request_body",
     "request_from_fields",
+    "unknown_and_missing_fields",
 ]
 
 if TYPE_CHECKING:
@@ -51,6 +53,9 @@ if TYPE_CHECKING:
 #: The newer callback format's statuses that differ from the task object's.
 _NEW_STATUSES: Final = {"succeeded": "succeed"}
 _REQUEST_FIELDS: Final = tuple(a.name for a in attrs.fields(ExtendRequest))
+_REQUIRED_FIELDS: Final = ("video_id", "prompt")
+#: Every field of a request by name (a batch file's keys and columns).
+REQUEST_FIELDS: Final = _REQUEST_FIELDS
 
 
 # -- the create body --------------------------------------------------------------------
@@ -101,15 +106,22 @@ def request_from_fields(fields: Mapping[str, Any]) -> ExtendRequest:
         ValidationError: an unknown field (a typo must not silently drop a setting), a
             missing required one, or a value that breaks a rule.
     """
-    for key in fields:
-        if key not in _REQUEST_FIELDS:
-            raise ValidationError(
-                str(key), f"unknown field (the fields are {', '.join(_REQUEST_FIELDS)})"
-            )
-    for required in ("video_id", "prompt"):
-        if required not in fields:
-            raise ValidationError(required, "is required")
+    unknown, missing = unknown_and_missing_fields(fields)
+    if unknown:
+        raise ValidationError(
+            str(unknown[0]), f"unknown field (the fields are {', '.join(_REQUEST_FIELDS)})"
+        )
+    if missing:
+        raise ValidationError(missing[0], "is required")
     return ExtendRequest(**fields)
+
+
+def unknown_and_missing_fields(names: Iterable[Any]) -> tuple[list[Any], list[str]]:
+    """The names that are no field of a request, and the required fields not named."""
+    given = list(names)
+    unknown = [name for name in given if name not in _REQUEST_FIELDS]
+    missing = [name for name in _REQUIRED_FIELDS if name not in given]
+    return unknown, missing
 
 
 # -- tasks ------------------------------------------------------------------------------

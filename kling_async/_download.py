@@ -7,6 +7,15 @@ ever sent there. Transient failures are retried like API calls, through the tran
 one runner; when the server supports ranges, a retry asks only for the bytes still
 missing. An answer whose ``Content-Type`` says it is not a video (a captive portal's or
 a CDN's HTML error page sent with 200) is such a transient failure, never a file.
+
+Kling's results are MP4 files, so before a download replaces anything the file itself is
+checked: its top-level boxes must tile it exactly, starting with ``ftyp`` and holding a
+``moov`` (`mp4_problem`; a few seeks, not a decode). An empty body, or one cut short
+without a ``Content-Length`` to tell, fails that check and is retried like a cut body.
+
+Downloads never use the caller's session (`KlingClient(session=...)`): its default
+headers, auth, cookies or middlewares could carry credentials to the CDN and to every
+host it redirects to. The transport keeps a bare session for them.
 """
 
 from __future__ import annotations
@@ -18,9 +27,10 @@ import functools
 import os
 import pathlib
 import re
+import struct
 import tempfile
 import urllib.parse
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import IO, Final
 
 import aiohttp
@@ -149,6 +159,46 @@ def _target_path(dest: str | os.PathLike[str], video_id: str) -> pathlib.Path:
     return path
 
 
+def mp4_problem(file: IO[bytes], size: int) -> str | None:
+    """What is wrong with `file` (`size` bytes) as an MP4, or None if its boxes are sound.
+
+    The top-level boxes (ISO/IEC 14496-12, 4.2: a 32-bit size, a type, a 64-bit size
+    when the first is 1, "to the end of the file" when it is 0) must tile the file
+    exactly, the first must be ``ftyp`` and one must be ``moov``. Only box headers are
+    read: a few seeks whatever the file's size.
+    """
+    offset = 0
+    kinds: list[bytes] = []
+    while offset < size:
+        file.seek(offset)
+        header = file.read(16)
+        if len(header) < 8:
+            return f"a box header is cut short at byte {offset}"
+        box_size, kind = struct.unpack(">I4s", header[:8])
+        if box_size == 1:
+            if len(header) < 16:
+                return f"a box header is cut short at byte {offset}"
+            (box_size,) = struct.unpack(">Q", header[8:16])
+            smallest = 16
+        else:
+            smallest = 8
+        if box_size == 0:  # the last box: it runs to the end of the file
+            box_size = size - offset
+        if box_size < smallest:
+            return f"a box of impossible size {box_size} at byte {offset}"
+        if not kinds and kind != b"ftyp":
+            return "it does not start with an ftyp box"
+        kinds.append(kind)
+        offset += box_size
+    if not kinds:
+        return "it is empty"
+    if offset != size:
+        return f"its last box needs {offset} bytes but the file has {size} (cut short)"
+    if b"moov" not in kinds:
+        return "it has no moov box"
+    return None
+
+
 def _file_exists(target: pathlib.Path) -> FileExistsError:
     return FileExistsError(errno.EEXIST, "file exists; pass overwrite=True to replace it", target)
 
@@ -178,7 +228,7 @@ class _PartFile:
     def __init__(self, target: pathlib.Path) -> None:
         fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
         self.path = pathlib.Path(name)
-        self.file: IO[bytes] = os.fdopen(fd, "wb")
+        self.file: IO[bytes] = os.fdopen(fd, "w+b")
         self.size = 0
 
     def write(self, chunk: bytes) -> None:
@@ -189,6 +239,14 @@ class _PartFile:
         self.file.seek(0)
         self.file.truncate()
         self.size = 0
+
+    def mp4_problem(self) -> str | None:
+        """What is wrong with the bytes written so far as an MP4 (None: nothing)."""
+        self.file.flush()
+        try:
+            return mp4_problem(self.file, self.size)
+        finally:
+            self.file.seek(0, os.SEEK_END)
 
     def finish(self, target: pathlib.Path) -> None:
         self.file.flush()
@@ -244,7 +302,8 @@ class _Fetch:
                 headers["If-Range"] = self._validator  # a changed file comes back whole
         elif part.size:
             part.restart()
-        async with self._transport.slot(), self._session() as session:
+        session = self._transport.download_session()
+        async with self._transport.slot():
             try:
                 async with session.get(
                     self._url,
@@ -255,16 +314,6 @@ class _Fetch:
                     await self._receive(response, part, resuming="Range" in headers)
             except (asyncio.TimeoutError, aiohttp.ClientError) as error:
                 raise connection_error(error, "GET", self._shown) from None
-
-    @contextlib.asynccontextmanager
-    async def _session(self) -> AsyncIterator[aiohttp.ClientSession]:
-        session = self._transport.session()
-        if session.auth is None and "Authorization" not in session.headers:
-            yield session
-            return
-        # A caller's session that adds credentials to every request must not meet the CDN.
-        async with aiohttp.ClientSession(timeout=self._timeout) as bare:
-            yield bare
 
     async def _receive(
         self, response: aiohttp.ClientResponse, part: _PartFile, *, resuming: bool
@@ -307,6 +356,15 @@ class _Fetch:
             raise self._error(
                 APIConnectionError,
                 f"the body was cut short ({part.size} of {total or expected} bytes)",
+            )
+        problem = part.mp4_problem()
+        if problem is not None:
+            # Bytes we cannot trust: the next try starts over, the old file is untouched.
+            part.restart()
+            self._resumable = False
+            raise ResponseFormatError(
+                f"download failed: GET {self._shown} did not give an MP4 file ({problem})",
+                status=status,
             )
 
     def _error(self, kind: type[APIConnectionError], message: str) -> APIConnectionError:

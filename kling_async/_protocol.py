@@ -235,16 +235,43 @@ def error_for(
     return cls(message, status=status, code=code, request_id=request_id, retry_after=retry_after)
 
 
-def decode_envelope(status: int, headers: Mapping[str, str], body: bytes) -> tuple[Any, str | None]:
+#: What a credential found in an answer is replaced with.
+SCRUBBED: Final = "***"
+
+
+def scrub(value: Any, secrets: tuple[str, ...]) -> Any:
+    """`value` (decoded JSON) with every secret replaced by `SCRUBBED` in every string."""
+    if type(value) is str:
+        for secret in secrets:
+            value = value.replace(secret, SCRUBBED)
+        return value
+    if type(value) is dict:
+        return {scrub(k, secrets): scrub(v, secrets) for k, v in value.items()}
+    if type(value) is list:
+        return [scrub(item, secrets) for item in value]
+    return value
+
+
+def decode_envelope(
+    status: int, headers: Mapping[str, str], body: bytes, secrets: tuple[bytes, ...] = ()
+) -> tuple[Any, str | None]:
     """One HTTP answer as ``(data, request_id)``, or the matching `KlingError` raised.
 
     An error status with a body that is not the envelope (a proxy's HTML page) still
     raises by status class; a 2xx that is not the envelope raises `ResponseFormatError`.
+    `secrets` (the client's own credentials) are scrubbed from every text of the answer
+    before anything reads it: a server that echoes a key or a token (``invalid
+    Authorization: Bearer sk-...``) cannot put it into an error, a log line, a task, a
+    journal or the command line's output. The bytes are searched first, so an answer
+    without a secret costs one scan.
     """
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
         document = None
+    found = tuple(secret.decode() for secret in secrets if secret in body)
+    if found:
+        document = scrub(document, found)
     if type(document) is dict:
         code = document.get("code")
         message = document.get("message", "")

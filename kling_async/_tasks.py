@@ -511,11 +511,15 @@ class Tasks:
         deadline = loop.time() + timeout
         intervals = self.intervals()
         seen = last.raw_status if last is not None else None
-        delay = next(intervals) if last is not None else 0.0
+        # A snapshot passed in says how far the task had got, not what it ended with: a
+        # create's answer that already says "succeed" carries no videos. Only a task
+        # seen here (polled, or from a callback) is returned.
+        delay = next(intervals) if last is not None and not last.is_terminal else 0.0
+        fresh = False
         subscription = callbacks.subscribe(task_id) if callbacks is not None else None
         try:
             while True:
-                if last is not None and last.is_terminal:
+                if fresh and last is not None and last.is_terminal:
                     if _telemetry.AVAILABLE:
                         _telemetry.task_finished(last)
                     if account is not None:
@@ -541,7 +545,7 @@ class Tasks:
                     if update.raw_status != seen:
                         seen = update.raw_status
                         await call_back(on_update, update)
-                    last = update
+                    last, fresh = update, True
                 delay = next(intervals)
         finally:
             if subscription is not None:

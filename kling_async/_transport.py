@@ -28,7 +28,13 @@ from yarl import URL
 
 from kling_async import _protocol, _telemetry
 from kling_async._auth import Auth
-from kling_async.errors import APIConnectionError, APIStatusError, APITimeoutError, KlingError
+from kling_async.errors import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    KlingError,
+    ResponseFormatError,
+)
 
 T = TypeVar("T")
 
@@ -48,6 +54,12 @@ RETRY_BASE: Final = 0.5
 RETRY_CAP: Final = 8.0
 
 _JSON_HEADERS: Final = {"Accept": "application/json"}
+
+#: The largest answer body read from the API (a page of 500 tasks is well under 1 MB).
+#: A bigger one is refused without reading past this many bytes (a broken or hostile
+#: server must not fill the memory): `ResponseFormatError`, retried as a garbled answer.
+MAX_ANSWER_BYTES: Final = 4 * 1024 * 1024
+_READ_SIZE: Final = 64 * 1024
 
 
 class ExactWait(float):
@@ -95,8 +107,10 @@ def connection_error(error: BaseException, method: str, path: str) -> APIConnect
     if isinstance(error, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         return APITimeoutError("timed out", method=method, path=path)
     if isinstance(error, aiohttp.ClientConnectorError):
+        # The host and port, never the URL: a base URL's path is not the server's name.
+        where = f"{error.host}:{error.port}" if error.port else error.host
         return APIConnectionError(
-            f"could not connect ({name})", method=method, path=path, sent=False
+            f"could not connect to {where} ({name})", method=method, path=path, sent=False
         )
     return APIConnectionError(f"connection failed ({name})", method=method, path=path)
 
@@ -123,6 +137,9 @@ class Transport:
         self._semaphore = asyncio.Semaphore(max_in_flight)
         self._session = session
         self._owns_session = session is None
+        # Downloads go to result hosts (a CDN) through a session of their own that carries
+        # nothing: no auth, default headers, cookies or middlewares of a caller's session.
+        self._download_session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._headers: dict[str, str] = {}
@@ -163,6 +180,17 @@ class Transport:
             )
         return self._session
 
+    def download_session(self) -> aiohttp.ClientSession:
+        """The bare session downloads use (created on first use; see `session`)."""
+        self.session()  # the closed and event-loop checks
+        if self._download_session is None:
+            self._download_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.max_in_flight),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                timeout=self.timeout,
+            )
+        return self._download_session
+
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._loop is None:
             self._loop = loop
@@ -172,7 +200,9 @@ class Transport:
         self._closed = True
         if self._owns_session and self._session is not None:
             _close_without_loop(self._session)
-        self._session = None
+        if self._download_session is not None:
+            _close_without_loop(self._download_session)
+        self._session = self._download_session = None
         raise RuntimeError(
             "this KlingClient belongs to the event loop it first ran in and cannot be used "
             "from another one (e.g. a second asyncio.run()); create one client per loop, "
@@ -188,12 +218,15 @@ class Transport:
             return
         self._closed = True
         session, self._session = self._session, None
-        if not self._owns_session or session is None:
-            return
-        if self._loop is not None and asyncio.get_running_loop() is not self._loop:
-            _close_without_loop(session)
-        else:
-            await session.close()
+        downloads, self._download_session = self._download_session, None
+        other_loop = self._loop is not None and asyncio.get_running_loop() is not self._loop
+        for owned in (session if self._owns_session else None, downloads):
+            if owned is None:
+                continue
+            if other_loop:
+                _close_without_loop(owned)
+            else:
+                await owned.close()
 
     # -- one attempt -------------------------------------------------------------------
 
@@ -236,7 +269,7 @@ class Transport:
                     allow_redirects=False,
                     **self._per_request,
                 ) as response:
-                    payload = await response.read()
+                    payload = await _read_capped(response, method, path)
                     status = response.status
                     response_headers = response.headers
                 if _telemetry.AVAILABLE:
@@ -249,7 +282,9 @@ class Transport:
                     _log(method, path, type(failure).__name__, None, None, started)
                 raise failure from None
         try:
-            decoded = _protocol.decode_envelope(status, response_headers, payload)
+            decoded = _protocol.decode_envelope(
+                status, response_headers, payload, self._auth.secrets()
+            )
         except KlingError as error:
             if debug:
                 code = getattr(error, "code", None)
@@ -346,6 +381,34 @@ class Transport:
             return await attempt(*args)
 
         return run
+
+
+async def _read_capped(response: aiohttp.ClientResponse, method: str, path: str) -> bytes:
+    """The body, or `ResponseFormatError` as soon as it passes `MAX_ANSWER_BYTES`.
+
+    A `Content-Length` over the cap is refused unread; a body of unknown or compressed
+    size is read in chunks and refused at the first byte past the cap.
+    """
+    length = response.content_length
+    compressed = "Content-Encoding" in response.headers
+    if length is not None and length <= MAX_ANSWER_BYTES and not compressed:
+        return await response.read()
+    if length is None or compressed:
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await response.content.read(_READ_SIZE):
+            size += len(chunk)
+            if size > MAX_ANSWER_BYTES:
+                break
+            chunks.append(chunk)
+        else:
+            return b"".join(chunks)
+    # Leaving `async with` closes the connection with the rest unread.
+    raise ResponseFormatError(
+        f"{method} {path}: the answer is larger than {MAX_ANSWER_BYTES // 2**20} MiB; "
+        "refused without reading the rest",
+        status=response.status,
+    )
 
 
 def _log(

@@ -26,6 +26,8 @@ request's method and path only, never from headers.
 
 from __future__ import annotations
 
+import os
+import re
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -53,6 +55,26 @@ __all__ = [
 
 
 _NO_VALUE: Any = object()
+#: Longest text shown as it is in a `ValidationError`; a longer one is shown by length.
+_SHOWN_TEXT = 40
+#: ``user:password@`` in a URL: never shown.
+_USERINFO = re.compile(r"(?<=//)[^/@\s]*@")
+
+
+def _shown(value: object) -> str:
+    """A given value as an error shows it: numbers and short texts as they are, a long
+    text by its length (a prompt is no one else's business), a path as the path, any
+    other object by its type; a URL's ``user:password@`` never."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        if len(value) > _SHOWN_TEXT:
+            return f"a text of {len(value)} characters"
+        return repr(_USERINFO.sub("***@", value))
+    if isinstance(value, os.PathLike):
+        path = os.fspath(value)
+        return repr(path) if isinstance(path, str) else type(value).__name__
+    return type(value).__name__
 
 
 class KlingError(Exception):
@@ -69,19 +91,22 @@ class ValidationError(KlingError, ValueError):
     def __init__(self, field: str, rule: str, value: object = _NO_VALUE) -> None:
         self.field = field
         self.rule = rule
-        #: The kind of value that was given (its type's name), never the value itself.
+        #: The kind of value that was given (its type's name).
         self.value_type = None if value is _NO_VALUE else type(value).__name__
-        got = f" (got {self.value_type})" if self.value_type else ""
+        got = "" if value is _NO_VALUE else f" (got {_shown(value)})"
         super().__init__(f"{field}: {rule}{got}")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_validation_error, (self.field, self.rule, self.value_type))
+        return (_rebuild_validation_error, (self.field, self.rule, self.value_type, self.args))
 
 
-def _rebuild_validation_error(field: str, rule: str, value_type: str | None) -> ValidationError:
+def _rebuild_validation_error(
+    field: str, rule: str, value_type: str | None, args: tuple[Any, ...] = ()
+) -> ValidationError:
     error = ValidationError(field, rule)
     error.value_type = value_type
-    error.args = (f"{field}: {rule}" + (f" (got {value_type})" if value_type else ""),)
+    if args:
+        error.args = args
     return error
 
 

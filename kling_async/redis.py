@@ -13,17 +13,24 @@ the same ``name`` shares the slots::
     await account.aclose()
 
 What is guaranteed, with Redis paused (``SIGSTOP``, a stalled host) for any length of
-time, restarted without persistence, or unreachable, and with processes killed:
+time, restarted without persistence, or unreachable, and with processes killed; as long
+as a live process's own event loop does not stall for longer than a lease (then its
+leases and, after ``CLAIM_LEASES`` leases, its claims lapse as if it had died, and it
+logs a WARNING when it sees a claim of its own lost):
 
 - **Never over the limit.** Slots are taken by Lua scripts, so two processes never take
   the last one together. A slot is freed only by its holder, by whoever sees its task
   finished, or, when its holder stopped renewing it, after a look-up of its task finds
-  it finished or absent. A slot whose create is under way is never looked up by anyone.
+  it finished or absent (and only if nobody renewed it during the look-up). A slot whose
+  create is under way is never looked up: not by its own process's check, and not by
+  others, to whom a lease its holder renews never looks expired.
 - **Exactly once per external id.** ``claim`` grants an id to one create at a time;
   ``settle`` stores the created task for ``SETTLED_TTL`` seconds, so a later create of
   that id, in any process, gets it. A create that ended ambiguously (``settle(...,
-  maybe_created=True)``) or whose claimer stopped renewing leaves a record: the next
-  claim returns `Claim.maybe_since`, so its create looks the task up first.
+  maybe_created=True)``, kept ``SETTLED_TTL`` seconds) or whose claimer stopped renewing
+  leaves a record: the next claim returns `Claim.maybe_since`, so its create looks the
+  task up first. A claim granted to a call that timed out is dropped by the process's
+  renewals, or taken over by its next claim of that id (nothing was sent with it).
 - **Time is Redis's answering time.** Every expiry (leases, claims, queue places,
   process registrations) runs on a logical clock kept in Redis (``kling:{name}:clock``)
   that advances only while Redis answers: each script reads ``TIME`` and advances it by
@@ -43,11 +50,14 @@ time, restarted without persistence, or unreachable, and with processes killed:
   by a live process. A process given another value than a live peer logs a WARNING
   naming both. A process without ``max_running`` learns the limit from 1303 answers
   (below) but never exceeds one given by a live process.
-- **Bounded calls.** Every Redis call is bounded by the client's timeout (at most one
-  lease); a create that cannot reach Redis fails with `kling_async.APIConnectionError`
-  naming Redis: no task is created without a slot. A create already queued rides out an
-  outage of up to ``OUTAGE_WAIT`` seconds. ``finished`` never waits on Redis: the slot
-  is given back in the background (`aclose` waits for that a bounded time).
+- **Bounded calls.** Every Redis call is bounded by ``IO_SHARE`` of the client's
+  timeout (and at most one lease); a create that cannot reach Redis fails with
+  `kling_async.APIConnectionError` naming Redis: no task is created without a slot. A
+  create already queued (or waiting on another's claim) rides out an outage of up to
+  ``OUTAGE_WAIT`` seconds. ``finished`` never waits on Redis: the slot is given back in
+  the background (`aclose` waits for that at most ``CLOSE_WAIT`` seconds). A give-back
+  or an abandoned take that failed, or that may reach Redis after its call timed out, is
+  repeated by the renewals for ``DROP_LEASES`` leases.
 
 How it works (all keys under ``kling:{name}:``; the braces make them one Redis Cluster
 hash slot): a slot is a *lease*, a hash entry holding its external task id (and, once
@@ -144,7 +154,7 @@ _KEY_NAMES: Final = (
     "clock",  # 13 hash: t (Redis TIME, ms), c (logical ms), k (cap), q (quarantine end)
     "procs",  # 14 zset: process -> logical expiry
     "given",  # 15 hash: process -> max_running ('' when learned)
-    "claims",  # 16 hash: external id -> "owner|expiry|renewed" (logical ms)
+    "claims",  # 16 hash: external id -> "process|expiry|renewed|call" (logical ms)
     "settled",  # 17 channel: a claim ended
 )
 
@@ -156,11 +166,12 @@ local t = redis.call('TIME')
 local wall = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local LEASE = tonumber(ARGV[1])
 local ME = ARGV[2]
-local c = redis.call('HMGET', KEYS[13], 't', 'c', 'k', 'q')
+local c = redis.call('HMGET', KEYS[13], 't', 'c', 'k', 'q', 'l')
 local cap = math.min(tonumber(c[3]) or LEASE, math.floor(LEASE / 3))
 local now = tonumber(c[2]) or 0
 if c[1] then now = now + math.max(0, math.min(wall - tonumber(c[1]), cap)) end
 local calm = tonumber(c[4]) or 0
+local lost_at = tonumber(c[5]) or -1e15
 local epoch = redis.call('GET', KEYS[11])
 if not epoch then
   -- Redis lost the data (or this name is new): give live holders one lease of
@@ -168,8 +179,9 @@ if not epoch then
   epoch = ARGV[3]
   redis.call('SET', KEYS[11], epoch)
   calm = now + LEASE
+  lost_at = now
 end
-redis.call('HSET', KEYS[13], 't', wall, 'c', now, 'k', cap, 'q', calm)
+redis.call('HSET', KEYS[13], 't', wall, 'c', now, 'k', cap, 'q', calm, 'l', lost_at)
 local quiet = now < calm
 
 local function register()
@@ -229,6 +241,13 @@ local low, high = given()
 -- The plan's limit, or the learned one (1 before anything was learned: slow start).
 local limit = low or tonumber(redis.call('GET', KEYS[6])) or 1
 limit = math.max(1, math.floor(limit))
+if redis.call('HEXISTS', KEYS[1], ARGV[6]) == 1 then
+  -- An earlier take of this very slot timed out at the caller but got through: its own.
+  redis.call('ZADD', KEYS[2], now + LEASE, ARGV[6])
+  redis.call('ZREM', KEYS[5], ARGV[5])
+  redis.call('ZREM', KEYS[9], ARGV[5])
+  return {1, epoch, limit, low or 0, high or 0}
+end
 local room = limit - redis.call('HLEN', KEYS[1])
 local rank = redis.call('ZRANK', KEYS[5], ARGV[5])
 local ahead
@@ -296,7 +315,9 @@ return learned()
 """
 )
 
-# ARGV 5-7: lease_id task_id ext: the lease by its id, else by task id, else by ext.
+# ARGV 5-8: lease_id task_id ext expiry: the lease by its id, else by task id, else by
+# ext; with `expiry`, only while the lease's expiry is still that (a look-up's re-lease:
+# its holder renewing it meanwhile proves it alive).
 _RELEASE = (
     _PRELUDE
     + """
@@ -304,6 +325,7 @@ local id = ARGV[5]
 if id == '' and ARGV[6] ~= '' then id = redis.call('HGET', KEYS[3], ARGV[6]) end
 if (not id or id == '') and ARGV[7] ~= '' then id = redis.call('HGET', KEYS[4], ARGV[7]) end
 if not id or id == '' then return 0 end
+if ARGV[8] and ARGV[8] ~= '' and redis.call('ZSCORE', KEYS[2], id) ~= ARGV[8] then return 0 end
 return free(id)
 """
 )
@@ -350,12 +372,14 @@ _EXPIRED = (
     + """
 local out = {}
 if quiet then return out end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. now, 'LIMIT', 0, ARGV[5])) do
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. now, 'LIMIT', 0, ARGV[5])
+for _, id in ipairs(due) do
   local doc = redis.call('HGET', KEYS[1], id)
   if doc then
     redis.call('ZADD', KEYS[2], now + LEASE, id)
     table.insert(out, id)
     table.insert(out, doc)
+    table.insert(out, redis.call('ZSCORE', KEYS[2], id))
   else
     redis.call('ZREM', KEYS[2], id)
   end
@@ -365,10 +389,11 @@ return out
 )
 
 # ARGV 5: JSON {f: force, cm: claim_ms, l: [[id, ext, task]], w: [waiters],
-#   d: [lease ids to free], c: [claimed exts], x: [exts whose claim to drop]}.
+#   d: [lease ids to free], c: [[ext, call]] claims held, x: [[ext, call]] claims to drop
+#   (granted to calls that timed out)}.
 # Renews what this process holds and registers it. After Redis lost its data (the epoch
-# changed), `force` puts the leases and claims back. A waiter whose queue place is gone
-# takes a new one at the end. Returns {epoch, gone leases, lost claims, limit, low, high}.
+# changed), `force` puts the leases, claims and queue places (in this process's order)
+# back. Returns {epoch, gone leases, lost claims, limit, low, high}.
 _RENEW = (
     _PRELUDE
     + """
@@ -390,24 +415,27 @@ for _, l in ipairs(a.l) do
   end
 end
 for _, w in ipairs(a.w) do
-  if not redis.call('ZSCORE', KEYS[5], w) then
+  if force and not redis.call('ZSCORE', KEYS[5], w) then
     redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[10]), w)
+    redis.call('ZADD', KEYS[9], now + LEASE, w)
+  else
+    -- A place lost otherwise is taken anew by the waiter's own next take (a waiter
+    -- whose take just went through must not be queued again here).
+    redis.call('ZADD', KEYS[9], 'XX', now + LEASE, w)
   end
-  redis.call('ZADD', KEYS[9], now + LEASE, w)
 end
 for _, id in ipairs(a.d) do free(id) end
-for _, ext in ipairs(a.c) do
-  local v = redis.call('HGET', KEYS[16], ext)
-  local owner = v and string.match(v, '^([^|]*)')
-  if owner == ME or (not v and force) then
-    redis.call('HSET', KEYS[16], ext, ME .. '|' .. (now + a.cm) .. '|' .. now)
+for _, c in ipairs(a.c) do
+  local v = redis.call('HGET', KEYS[16], c[1])
+  if (v and string.match(v, '|([^|]*)$') == c[2]) or (not v and force) then
+    redis.call('HSET', KEYS[16], c[1], ME .. '|' .. (now + a.cm) .. '|' .. now .. '|' .. c[2])
   else
-    table.insert(lost, ext)
+    table.insert(lost, c[1])
   end
 end
-for _, ext in ipairs(a.x) do
-  local v = redis.call('HGET', KEYS[16], ext)
-  if v and string.match(v, '^([^|]*)') == ME then redis.call('HDEL', KEYS[16], ext) end
+for _, c in ipairs(a.x) do
+  local v = redis.call('HGET', KEYS[16], c[1])
+  if v and string.match(v, '|([^|]*)$') == c[2] then redis.call('HDEL', KEYS[16], c[1]) end
 end
 local low, high = given()
 local limit = low or tonumber(redis.call('GET', KEYS[6])) or 1
@@ -415,36 +443,47 @@ return {epoch, gone, lost, math.max(1, math.floor(limit)), low or 0, high or 0}
 """
 )
 
-# KEYS[18]: the id's settled record. ARGV 5-7: ext claim_ms adopt ('1': a claim of this
-# process found here was granted to a call that timed out, so nothing was sent with it).
-# Returns {'task', doc} | {'wait', epoch} | {'mine', epoch, maybe_since_ms (-1: none)}.
+# Within CLAIM_LEASES + 1 leases of Redis losing its data (or of a name's first use: the
+# same to Redis), a claim with nothing known against it says how long ago that was.
+# KEYS[18]: the id's settled record. ARGV 5-8: ext claim_ms call adopt ('1': no create of
+# this process holds the id, so a claim of this process found here was granted to a call
+# that timed out or a create whose settle was lost: the process takes it over).
+# Returns {'task', doc} | {'wait', epoch} | {'mine', epoch, maybe_since_ms (-1: none), why}.
 _CLAIM = (
     _PRELUDE
     + """
 local settled = redis.call('GET', KEYS[18])
 if settled and string.sub(settled, 1, 1) == '{' then return {'task', settled} end
-local since = -1
+local since, why = -1, ''
 local v = redis.call('HGET', KEYS[16], ARGV[5])
 if v then
-  local owner, expiry, renewed = string.match(v, '^([^|]*)|([^|]*)|([^|]*)$')
-  if owner == ME and ARGV[7] == '1' then
+  local owner, expiry, renewed = string.match(v, '^([^|]*)|([^|]*)|([^|]*)|')
+  if owner == ME and ARGV[8] == '1' then
     since = -1
   elseif tonumber(expiry) > now then
     return {'wait', epoch}
   else
     since = now - tonumber(renewed)  -- its holder stopped renewing: it may have sent
+    why = 'its claimer stopped renewing'
   end
 end
 if quiet then return {'wait', epoch} end
 if settled and string.sub(settled, 1, 2) == 'm:' then
   since = math.max(since, wall - tonumber(string.sub(settled, 3)))
+  why = 'it ended ambiguously'
+elseif not v and not settled and now - lost_at < tonumber(ARGV[6]) + LEASE then
+  -- Soon after Redis lost its data: a claim of a holder that died just before may have
+  -- been lost with it (live holders put theirs back during the quarantine).
+  since = now - lost_at
+  why = 'Redis lost its data since'
 end
-redis.call('HSET', KEYS[16], ARGV[5], ME .. '|' .. (now + tonumber(ARGV[6])) .. '|' .. now)
-return {'mine', epoch, since}
+local claim = ME .. '|' .. (now + tonumber(ARGV[6])) .. '|' .. now .. '|' .. ARGV[7]
+redis.call('HSET', KEYS[16], ARGV[5], claim)
+return {'mine', epoch, since, why}
 """
 )
 
-# KEYS[18]: the id's settled record. ARGV 5-8: ext task_json settled_ttl_s maybe.
+# KEYS[18]: the id's settled record. ARGV 5-9: ext task_json settled_ttl_s maybe call.
 _SETTLE = (
     _PRELUDE
     + """
@@ -454,7 +493,7 @@ elseif ARGV[8] == '1' then
   redis.call('SET', KEYS[18], 'm:' .. wall, 'EX', ARGV[7])
 end
 local v = redis.call('HGET', KEYS[16], ARGV[5])
-if v and string.match(v, '^([^|]*)') == ME then redis.call('HDEL', KEYS[16], ARGV[5]) end
+if v and string.match(v, '|([^|]*)$') == ARGV[9] then redis.call('HDEL', KEYS[16], ARGV[5]) end
 redis.call('PUBLISH', KEYS[17], ARGV[5])
 return 1
 """
@@ -551,13 +590,15 @@ class RedisAccount(Account):
         # A waiter's first take (which queues it in Redis) goes through this lock, so the
         # Redis queue holds this process's waiters in the order of `_waiters`.
         self._queueing = asyncio.Lock()
-        self._claims: set[str] = set()
+        # Claims this process's creates hold: external id -> the claim call's id.
+        self._claims: dict[str, str] = {}
+        self._claiming: collections.Counter[str] = collections.Counter()
         self._claim_waits: dict[str, asyncio.Event] = {}
         # Lease ids to free and claims to drop at the next renewals (a give-back or an
         # abandoned take that may have reached Redis after its call timed out), with
         # the monotonic time after which they are forgotten.
         self._drops: dict[str, float] = {}
-        self._dropped_claims: dict[str, float] = {}
+        self._dropped_claims: dict[tuple[str, str], float] = {}
         self._freed = asyncio.Event()
         self._background: set[asyncio.Task[Any]] = set()
         self._renewing: asyncio.Task[None] | None = None
@@ -585,17 +626,16 @@ class RedisAccount(Account):
         if own is None:
             return
         for other in (low, high):
-            if isinstance(other, int) and other >= 1 and other != own:
-                if other not in self._warned:
-                    self._warned.add(other)
-                    logger.warning(
-                        "account %r: this process was given max_running=%d, another process"
-                        " on it was given max_running=%d; the smallest, %d, applies",
-                        self.name,
-                        own,
-                        other,
-                        min(own, other),
-                    )
+            if isinstance(other, int) and other >= 1 and other not in {own, *self._warned}:
+                self._warned.add(other)
+                logger.warning(
+                    "account %r: this process was given max_running=%d, another process"
+                    " on it was given max_running=%d; the smallest, %d, applies",
+                    self.name,
+                    own,
+                    other,
+                    min(own, other),
+                )
 
     # -- Redis calls -------------------------------------------------------------------------
 
@@ -841,7 +881,11 @@ class RedisAccount(Account):
             held, limit = await self._complete(
                 self._call(
                     self._refused_script,
-                    [slot.token, "1" if self.max_running is None else "0", math.ceil(longest * 1000)],
+                    [
+                        slot.token,
+                        "1" if self.max_running is None else "0",
+                        math.ceil(longest * 1000),
+                    ],
                 )
             )
         except APIConnectionError as error:
@@ -935,9 +979,10 @@ class RedisAccount(Account):
 
     async def _renew(self, *, force: bool) -> None:
         now = time.monotonic()
-        for drops in (self._drops, self._dropped_claims):
-            for key in [key for key, until in drops.items() if until < now]:
-                del drops[key]
+        self._drops = {token: until for token, until in self._drops.items() if until >= now}
+        self._dropped_claims = {
+            key: until for key, until in self._dropped_claims.items() if until >= now
+        }
         held = list(self._held.values())
         document = {
             "f": 1 if force else 0,
@@ -945,8 +990,8 @@ class RedisAccount(Account):
             "l": [[h.slot.token, h.slot.external_task_id, h.slot.task_id or ""] for h in held],
             "w": [waiter.id for waiter in self._waiters],
             "d": list(self._drops),
-            "c": sorted(self._claims),
-            "x": [ext for ext in self._dropped_claims if self._orphaned(ext)],
+            "c": [[ext, call] for ext, call in self._claims.items()],
+            "x": [[ext, call] for ext, call in self._dropped_claims],
         }
         epoch, gone, lost, limit, low, high = await self._call(
             self._renew_script, [orjson.dumps(document).decode()]
@@ -994,7 +1039,7 @@ class RedisAccount(Account):
         except APIConnectionError as error:
             logger.info("looking for expired slots failed: %s", error)
             return
-        for token, doc in zip(expired[::2], expired[1::2], strict=True):
+        for token, doc, expiry in zip(expired[::3], expired[1::3], expired[2::3], strict=True):
             lease = orjson.loads(doc)
             slot = AccountSlot(lease["e"], task_id=lease["t"] or None, token=_text(token))
             try:
@@ -1005,7 +1050,7 @@ class RedisAccount(Account):
             try:
                 if task is None or task.is_terminal:
                     logger.info("slot of %s freed: its holder is gone", slot.external_task_id)
-                    await self._call(self._release_script, [slot.token, "", ""])
+                    await self._call(self._release_script, [slot.token, "", "", _text(expiry)])
                 elif slot.task_id is None:
                     await self._call(self._created_script, [slot.token, task.task_id, "0", "0"])
             except APIConnectionError as error:
@@ -1022,22 +1067,32 @@ class RedisAccount(Account):
         event = self._claim_waits.setdefault(external_task_id, asyncio.Event())
         first = True
         down_since: float | None = None
+        self._claiming[external_task_id] += 1
         try:
             await self._listen()
             self._start_renewing()
             while True:
                 event.clear()
+                call = uuid.uuid4().hex
+                # No create of this process holds the id: a claim of ours found in Redis
+                # was granted to a call that timed out (or a create whose settle was
+                # lost; the create layer remembers those itself): take it over.
+                adopt = external_task_id not in self._claims
+                adopt = adopt and self._claiming[external_task_id] == 1
                 try:
                     answer = await self._call(
                         self._claim_script,
                         [
                             external_task_id,
                             self._lease_ms * CLAIM_LEASES,
-                            "1" if self._orphaned(external_task_id) else "0",
+                            call,
+                            "1" if adopt else "0",
                         ],
                         key,
                     )
                 except APIConnectionError:
+                    # The call may still reach Redis and be granted: drop it then.
+                    self._drop_claim_later(external_task_id, call)
                     # A new create fails at once; one waiting on another's claim rides
                     # out an outage.
                     now = time.monotonic()
@@ -1053,42 +1108,57 @@ class RedisAccount(Account):
                     return Claim(converter.structure(orjson.loads(answer[1]), Task))
                 if kind == "mine":
                     self._note_epoch(_text(answer[1]))
-                    self._claims.add(external_task_id)
-                    self._dropped_claims.pop(external_task_id, None)
+                    self._claims[external_task_id] = call
                     since = int(answer[2])
-                    return Claim(maybe_since=since / 1000 if since >= 0 else None)
+                    if since < 0:
+                        return Claim()
+                    logger.info(
+                        "external_task_id %s: an earlier create of it may have been sent"
+                        " %.1f s ago (%s)",
+                        external_task_id,
+                        since / 1000,
+                        _text(answer[3]),
+                    )
+                    return Claim(maybe_since=since / 1000)
                 if kind == "wait":
                     self._note_epoch(_text(answer[1]))
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(event.wait(), min(CLAIM_POLL, self._tick))
-        except BaseException:
-            if external_task_id not in self._claims:
-                # A claim call that timed out may still be granted later: drop it then.
-                self._dropped_claims[external_task_id] = (
-                    time.monotonic() + DROP_LEASES * CLAIM_LEASES * self.lease
-                )
-            raise
         finally:
+            self._claiming[external_task_id] -= 1
+            if not self._claiming[external_task_id]:
+                del self._claiming[external_task_id]
             self._claim_waits.pop(external_task_id, None)
 
-    def _orphaned(self, external_task_id: str) -> bool:
-        # A claim call of this process timed out, and no create of ours holds the id.
-        return external_task_id in self._dropped_claims and external_task_id not in self._claims
+    def _drop_claim_later(self, external_task_id: str, call: str) -> None:
+        self._dropped_claims[external_task_id, call] = (
+            time.monotonic() + DROP_LEASES * CLAIM_LEASES * self.lease
+        )
+        self._start_renewing()
 
     async def settle(
         self, external_task_id: str, task: Task | None, *, maybe_created: bool = False
     ) -> None:
+        call = self._claims.get(external_task_id, "")
         document = "" if task is None else orjson.dumps(converter.unstructure(task)).decode()
-        args = [external_task_id, document, SETTLED_TTL, "1" if maybe_created else "0"]
+        args = [external_task_id, document, SETTLED_TTL, "1" if maybe_created else "0", call]
         key = self._claim_key(external_task_id)
         try:
             if task is None and not maybe_created:
-                await self._complete(self._call(self._settle_script, args, key))
+                try:
+                    await self._complete(self._call(self._settle_script, args, key))
+                except APIConnectionError:
+                    # Nothing was sent with the claim: renewals drop it, and a next
+                    # claim of the id by this process takes it over at once.
+                    if call:
+                        self._drop_claim_later(external_task_id, call)
+                    raise
             else:
                 # What happened must be recorded: retried a while when Redis is away.
                 await self._complete(self._deliver(self._settle_script, args, key))
         finally:
-            self._claims.discard(external_task_id)
+            if self._claims.get(external_task_id) == call:
+                del self._claims[external_task_id]
 
     # -- lifetime ----------------------------------------------------------------------------
 

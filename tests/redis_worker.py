@@ -20,6 +20,7 @@ from typing import Any
 
 from kling_async import APIConnectionError, ExtendRequest, KlingClient, PollPolicy
 from kling_async.redis import RedisAccount
+from kling_async.testing import set_testing
 
 
 def say(**fields: Any) -> None:
@@ -27,6 +28,9 @@ def say(**fields: Any) -> None:
 
 
 async def main(config: dict[str, Any]) -> None:
+    # As the tests' own process: the simulator delivers no request late, so "no such
+    # task" is proof at once (a claim's maybe_since costs a look-up, not a wait).
+    set_testing(True)
     account = RedisAccount(
         config["redis"],
         name=config["name"],
@@ -69,4 +73,9 @@ async def main(config: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(json.loads(sys.argv[1])))
+    settings = json.loads(sys.argv[1])
+    if settings.get("debug"):
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(relativeCreated)d %(message)s")
+    asyncio.run(main(settings))

@@ -69,7 +69,10 @@ async def test_a_learned_limit_waits_for_slots_instead_of_spending_retries(
     assert account.limit <= 4
     assert sim.counters.tasks_created == 12
     assert not sim.counters.duplicate_external_ids
-    assert sim.counters.rejected_1303 <= 3
+    # Learning, not hammering: the slow start ends with one refusal, and then the limit
+    # grows by 1/limit per create accepted at it, so at most one more refusal per
+    # `limit` (3) creates, however the tasks' ends fall on a busy machine.
+    assert sim.counters.rejected_1303 <= 1 + 12 // 3
 
 
 async def test_a_batch_uses_the_clients_account(sim: Simulator) -> None:

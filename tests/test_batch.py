@@ -212,8 +212,9 @@ async def test_leaving_the_loop_cancels_everything(sim: Simulator) -> None:
                 break
         started = loop.time()
         gc.collect()
+        # A generous bound that only a real hang reaches (a busy machine is slow, not stuck).
         while left := [task for task in asyncio.all_tasks() - before if _ours(task)]:
-            assert loop.time() - started < 1.0, left
+            assert loop.time() - started < 30.0, left
             await asyncio.sleep(0.01)
     assert sim.counters.tasks_created < 100
 

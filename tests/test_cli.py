@@ -75,6 +75,17 @@ def invoke() -> Iterator[Invoke]:
         assert SECRET not in result.stderr
 
 
+@pytest.fixture(autouse=True)
+def examples(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A copy of examples/ per test: a batch keeps its journal beside its input."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("examples") / "examples"
+    shutil.copytree(ROOT / "examples", copy)
+    monkeypatch.setattr(sys.modules[__name__], "EXAMPLES", copy)
+    return copy
+
+
 @pytest.fixture
 def no_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No Kling settings in the environment at all."""
@@ -382,7 +393,7 @@ def test_download(invoke: Invoke, kling_env: Simulator, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     path = Path(result.stdout.strip())
     assert path == tmp_path / f"{video['id']}.mp4"
-    assert path.stat().st_size == kling_env.file_size
+    assert path.read_bytes()[4:8] == b"ftyp"  # a real MP4
     again = invoke("download", task["task_id"], tmp_path)
     assert again.exit_code == 2
     assert "--overwrite" in again.stderr
@@ -439,11 +450,11 @@ def test_batch_csv_bad_cells_name_row_and_field(
 ) -> None:
     source = write(
         tmp_path / "in.csv",
-        "video_id,prompt,cfg_scale,watermark,cfg_scal\n"
+        "video_id,prompt,cfg_scale,watermark,negative_prompt\n"
         "v1,ok,0.5,yes,\n"
         "v2,bad number,high,,\n"
         "v3,bad flag,,maybe,\n"
-        "v4,typo,,,0.5\n"
+        "v4,fine too,,,blur\n"
         ",no video,,,\n"
         "v6,too many cells,,,,extra\n"
         "\n"
@@ -457,7 +468,6 @@ def test_batch_csv_bad_cells_name_row_and_field(
     expected = {
         2: ("cfg_scale", 'row 2: cfg_scale: must be a number from 0 to 1 (given: "high")'),
         3: ("watermark", 'row 3: watermark: must be true/false, 1/0 or yes/no (given: "maybe")'),
-        4: ("cfg_scal", "row 4: cfg_scal: unknown field"),
         5: ("video_id", "row 5: video_id: is required"),
         6: (None, "row 6: has 6 cells but the header names 5 columns"),
     }
@@ -466,7 +476,7 @@ def test_batch_csv_bad_cells_name_row_and_field(
         assert error["field"] == field
         assert error["message"].startswith(message)
     assert sorted(rows) == [1, 2, 3, 4, 5, 6, 8]  # row 7 is blank
-    assert kling_env.counters.tasks_created == 2
+    assert kling_env.counters.tasks_created == 3  # an unknown column: see the header test
 
 
 def test_batch_jsonl_bad_lines_do_not_stop_the_batch(
@@ -509,7 +519,7 @@ def test_batch_download(invoke: Invoke, kling_env: Simulator, tmp_path: Path) ->
             f"{row}-cat-and-butterfly-001.mp4" if row == 3 else f"{row}-{video}.mp4"
         )
         assert external
-        assert path.stat().st_size == kling_env.file_size
+        assert path.read_bytes()[4:8] == b"ftyp"  # a real MP4
     assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in files)
 
 
@@ -754,6 +764,35 @@ def test_readme_sample_batch_runs_against_the_built_in_simulator(
     assert len(files) == 8
     assert all(Path(row["file"]).exists() for row in rows.values())
     assert "built-in simulator" in result.stderr
+    journal = EXAMPLES / "batch.jsonl.journal.sqlite"
+    assert f"journal: {journal}" in result.stderr
+
+    # The same command again: nothing new is created, the files are the same videos.
+    again = invoke("batch", EXAMPLES / "batch.jsonl", "--simulate=auto", "--download", "downloads/")
+    assert again.exit_code == 0, again.stderr
+    assert "rows finished before come from it" in again.stderr
+    rows_again = by_row(again.stdout)
+    assert {r["task"]["task_id"] for r in rows_again.values()} == {
+        r["task"]["task_id"] for r in rows.values()
+    }
+    assert sorted((tmp_path / "downloads").iterdir()) == files
+    assert all(f.read_bytes()[4:8] == b"ftyp" for f in files)
+
+
+def test_batch_no_journal_and_stdin_keep_none(
+    invoke: Invoke, kling_env: Simulator, tmp_path: Path
+) -> None:
+    source = tmp_path / "rows.jsonl"
+    source.write_text((EXAMPLES / "batch.jsonl").read_text().splitlines()[0] + "\n")
+    assert invoke("batch", source, "--no-journal", *FAST).exit_code == 0
+    assert invoke("batch", "-", *FAST, input=source.read_text()).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
+    assert kling_env.counters.tasks_created == 2
+    first = invoke("batch", source, *FAST)
+    second = invoke("batch", source, *FAST)
+    assert kling_env.counters.tasks_created == 3
+    assert "journal:" in first.stderr and "come from it" in second.stderr
+    assert invoke("batch", source, "--no-journal", "--journal", "j").exit_code == 2
 
 
 def test_batch_with_a_wrong_key_stops_at_the_first_request_and_exits_2(
@@ -765,6 +804,67 @@ def test_batch_with_a_wrong_key_stops_at_the_first_request_and_exits_2(
     assert "KLING_API_KEY" in result.stderr
     assert kling_env.counters.requests == 1
     assert kling_env.counters.tasks_created == 0
+
+
+def test_download_to_a_new_directory_with_a_trailing_slash(
+    invoke: Invoke, kling_env: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = created(invoke)
+    video = task["task_result"]["videos"][0]
+    monkeypatch.chdir(tmp_path)
+    result = invoke("download", task["task_id"], "new/")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "new").is_dir()
+    assert (tmp_path / "new" / f"{video['id']}.mp4").read_bytes()[4:8] == b"ftyp"
+
+
+def test_advice_that_works(
+    invoke: Invoke, kling_env: Simulator, no_env: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # extend --simulate: the simulator ends with the command, so `wait ID` cannot work.
+    simulated = invoke("extend", VIDEO, "a prompt", "--simulate")
+    assert simulated.exit_code == 0, simulated.stderr
+    assert "kling-async wait" not in simulated.stderr
+    assert "kling-async simulate" in simulated.stderr
+    # A plain http:// URL to another host: the CLI's own flag is named, and works.
+    monkeypatch.setenv("KLING_API_KEY", SECRET)
+    insecure = invoke("status", "123", "--base-url", "http://gateway.invalid", "--simulate=never")
+    assert insecure.exit_code == 2
+    assert "--allow-insecure" in insecure.stderr
+
+
+def test_allow_insecure_and_an_unreachable_host_is_named(
+    invoke: Invoke, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KLING_API_KEY", SECRET)
+    result = invoke(
+        "status",
+        "123",
+        "--base-url",
+        "http://unreachable.invalid:9",
+        "--allow-insecure",
+        "--request-timeout",
+        "5",
+    )
+    assert result.exit_code != 0
+    assert "--allow-insecure" not in result.stderr
+    assert "unreachable.invalid:9" in result.stderr
+
+
+def test_a_wrong_csv_header_is_one_error_before_anything_is_sent(
+    invoke: Invoke, kling_env: Simulator, tmp_path: Path
+) -> None:
+    source = tmp_path / "rows.csv"
+    rows = "".join(f"v{n},scene {n},x\n" for n in range(300))
+    source.write_text("video,promt,seed\n" + rows, encoding="utf-8")
+    result = invoke("batch", source, *FAST)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    message = result.stderr.strip()
+    assert "\n" not in message  # one line, not one per row
+    assert "unknown columns video, promt, seed" in message
+    assert "missing required columns video_id, prompt" in message
+    assert kling_env.counters.requests == 0
 
 
 # -- credits and costs ------------------------------------------------------------------

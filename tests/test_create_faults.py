@@ -228,3 +228,38 @@ async def test_a_create_refused_1303_past_its_slot_time_ends_in_rate_limit_error
     assert caught.value.code == 1303
     times = posts(sim)[1:]
     assert all(b - a >= 0.99 for a, b in itertools.pairwise(times))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_a_storm_of_create_faults_bills_each_item_once_within_the_plan(seed: int) -> None:
+    """Every fault a create can meet at once, queueing gateways included, on a 3-slot
+    account; then the same jobs run again (a queue's redelivery): nothing new."""
+    set_testing(True, absence_settle=1.0)  # longer than the gateways hold a request
+    kinds = ["500", "503", "drop_before", "drop_after", "html", "truncated", "hold", "empty_data"]
+    try:
+        async with Simulator(
+            submit_time=0.01, processing_time=0.1, running_limit=3, seed=seed
+        ) as sim:
+            sim.set_fault_rate(0.3, on="create", kinds=kinds, delay=0.4)
+            sim.set_fault_rate(0.2, on="get", kinds=["500", "drop_after", "empty_data"])
+            jobs = [request(f"storm-{seed}-{i}") for i in range(30)]
+            account = InMemoryAccount(max_running=3)
+            async with client(sim, timeout=0.25, max_retries=12, account=account) as kling:
+                first = [r async for r in kling.extend_many(jobs, concurrency=10)]
+                again = [r async for r in kling.extend_many(jobs, wait=False)]
+            assert [r.error for r in first + again if not r.ok] == []
+            assert sim.counters.creates_by_external_id == {job.external_task_id: 1 for job in jobs}
+            assert sim.counters.peak_running_tasks <= 3
+            assert {r.task.task_id for r in again if r.task} == {
+                r.task.task_id for r in first if r.task
+            }
+    finally:
+        set_testing(True)
+
+
+async def test_waiting_on_a_create_answer_that_already_says_succeed_returns_the_videos() -> None:
+    # A create's answer carries no result: its "succeed" is not the end of the wait.
+    async with Simulator(submit_time=0, processing_time=0) as sim, client(sim) as kling:
+        task = await kling.extend(request())
+        done = await kling.wait_for_task(task)
+    assert done.succeeded and done.videos

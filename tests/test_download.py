@@ -25,6 +25,7 @@ from kling_async import (
 )
 from kling_async.testing import Simulator
 from kling_async.testing._files import file_bytes
+from kling_async.testing._mp4 import mp4_video
 
 FILE_SIZE = 300_000  # a few 64 KiB chunks
 
@@ -48,7 +49,7 @@ async def done(kling: KlingClient) -> Task:
 
 
 def expected(task: Task) -> bytes:
-    return file_bytes(task.videos[0].id, FILE_SIZE)
+    return file_bytes(task.videos[0].id, FILE_SIZE, task.videos[0].duration)
 
 
 def file_requests(sim: Simulator) -> list[dict[str, str]]:
@@ -357,7 +358,7 @@ async def serve_raw(answer: bytes) -> tuple[asyncio.Server, str]:
     return server, f"http://127.0.0.1:{port}/v.mp4?sig=secret-token"
 
 
-BODY = b"\x00\x00\x00\x18ftypmp42" * 100
+BODY = mp4_video("v", 1.0)  # a real MP4: the file check passes
 
 
 @pytest.mark.parametrize(
@@ -394,3 +395,118 @@ async def test_which_content_types_are_a_video(
                 await kling.download(video, tmp_path)
             assert "secret-token" not in str(caught.value)
             assert os.listdir(tmp_path) == []
+
+
+# -- the file on disk is an MP4, whole ---------------------------------------------------
+
+
+async def test_an_empty_body_is_retried_and_never_saved(
+    kling: KlingClient, sim: Simulator, done: Task, tmp_path: Path
+) -> None:
+    old = tmp_path / "old.mp4"
+    old.write_bytes(b"the previous video")
+    sim.inject("empty_data", on="files", times=3)  # 200, Content-Length: 0; every try
+    with pytest.raises(ResponseFormatError, match="not give an MP4 file"):
+        await kling.download(done, old, overwrite=True)
+    assert old.read_bytes() == b"the previous video"
+    assert os.listdir(tmp_path) == ["old.mp4"]
+    sim.inject("empty_data", on="files")  # once: the retry gets the file
+    assert (await kling.download(done, old, overwrite=True)).read_bytes() == expected(done)
+
+
+async def test_a_body_cut_without_framing_is_retried_and_never_saved(
+    kling: KlingClient, sim: Simulator, done: Task, tmp_path: Path
+) -> None:
+    # Half the file, no Content-Length, no chunks: the end of the connection looks like
+    # the end of the file. Only the MP4's own boxes tell.
+    sim.inject("truncated", on="files", times=3)
+    with pytest.raises(ResponseFormatError, match="cut short"):
+        await kling.download(done, tmp_path)
+    assert os.listdir(tmp_path) == []
+    sim.inject("truncated", on="files")
+    path = await kling.download(done, tmp_path)
+    assert path.read_bytes() == expected(done)
+    assert sim.counters.file_requests == 5
+
+
+def test_the_mp4_check_refuses_every_truncation() -> None:
+    import io
+
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from kling_async._download import mp4_problem
+
+    video = mp4_video("828006748715380777", 5.1)
+    assert mp4_problem(io.BytesIO(video), len(video)) is None
+
+    @given(st.integers(min_value=0, max_value=len(video) - 1))
+    def cut(size: int) -> None:
+        assert mp4_problem(io.BytesIO(video[:size]), size) is not None
+
+    @given(st.binary(max_size=64))
+    def garbage(data: bytes) -> None:
+        assert mp4_problem(io.BytesIO(data), len(data)) is not None
+
+    cut()
+    garbage()
+    # No moov, or not starting with ftyp: refused even when the boxes tile the file.
+    no_moov = video[:32] + b"\0\0\0\x08free"
+    assert mp4_problem(io.BytesIO(video[:32]), 32) == "it has no moov box"
+    assert "ftyp" in (mp4_problem(io.BytesIO(no_moov[8:]), len(no_moov) - 8) or "")
+
+
+# -- downloads carry nothing of the caller's session ---------------------------------------
+
+
+async def test_a_session_middleware_never_reaches_the_cdn_or_a_redirect(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    import aiohttp
+    from aiohttp import web
+
+    secret = "sk-middleware-secret"
+    seen: list[dict[str, str]] = []
+
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        seen.append(dict(request.headers))
+        raise web.HTTPFound(sim.video_url(request.match_info["id"]))
+
+    async def add_key(
+        request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        # The API's own requests keep the client's key; anything else would get this one.
+        request.headers.setdefault("Authorization", f"Bearer {secret}")
+        request.headers["X-Api-Key"] = secret
+        return await handler(request)
+
+    app = web.Application()
+    app.router.add_get("/r/{id}", redirect)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with (
+            aiohttp.ClientSession(middlewares=(add_key,), cookies={"c": secret}) as session,
+            KlingClient(api_key="sim-api-key", base_url=sim.base_url, session=session) as kling,
+        ):
+            task = await kling.extend_video("743211632612511839", "go on")
+            done = await kling.wait_for_task(task.task_id, timeout=5)
+            video = done.videos[0]
+            await kling.download(done, tmp_path)
+            hop = Video(video.id, f"http://127.0.0.1:{port}/r/{video.id}", video.duration)
+            await kling.download(hop, tmp_path / "hop.mp4")
+            assert not session.closed
+    finally:
+        await runner.cleanup()
+    assert len(seen) == 1
+    assert secret not in repr(seen) + repr(file_requests(sim))
+    assert all("authorization" not in headers for headers in file_requests(sim))
+
+
+async def test_a_bad_dest_names_the_path(kling: KlingClient, done: Task, tmp_path: Path) -> None:
+    with pytest.raises(ValidationError) as caught:
+        await kling.download(done, tmp_path / "nowhere" / "x.mp4")
+    assert str(tmp_path / "nowhere" / "x.mp4") in str(caught.value)

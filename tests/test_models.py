@@ -486,3 +486,21 @@ def test_unusable_callback_urls_are_refused(url: str) -> None:
 def test_a_good_callback_url_is_kept() -> None:
     url = "https://example.com:8443/kling/callback?token=x"
     assert ExtendRequest(video_id="v", prompt="p", callback_url=url).callback_url == url
+
+
+def test_validation_errors_say_the_length_the_value_or_the_path() -> None:
+    with pytest.raises(ValidationError) as long_prompt:
+        ExtendRequest(video_id="v", prompt="x" * 2501)
+    assert str(long_prompt.value).endswith("(got a text of 2501 characters)")
+    with pytest.raises(ValidationError) as scale:
+        ExtendRequest(video_id="v", prompt="p", cfg_scale=2)
+    assert str(scale.value).endswith("(got 2)")
+    with pytest.raises(ValidationError) as url:
+        ExtendRequest(video_id="v", prompt="p", callback_url="ftp://u:pw@x/")
+    assert "'ftp://***@x/'" in str(url.value) and "pw" not in str(url.value)
+    import pathlib
+
+    from kling_async.errors import _shown
+
+    assert _shown(pathlib.Path("nowhere/x.mp4")) == "'nowhere/x.mp4'"
+    assert _shown(object()) == "object"

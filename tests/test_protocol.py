@@ -223,3 +223,19 @@ def test_retry_after_reaches_the_error() -> None:
 def test_decode_never_raises_anything_else(body: bytes, status: int) -> None:
     with contextlib.suppress(APIStatusError, ResponseFormatError):
         _protocol.decode_envelope(status, {}, body)
+
+
+def test_echoed_secrets_are_scrubbed_from_every_text_of_an_answer() -> None:
+    body = orjson.dumps(
+        {
+            "code": 0,
+            "message": "ok",
+            "request_id": "r",
+            "data": {"task_status_msg": "for sk-abcdefgh!", "list": ["sk-abcdefgh", 3]},
+        }
+    )
+    data, _ = _protocol.decode_envelope(200, {}, body, (b"sk-abcdefgh",))
+    assert data == {"task_status_msg": "for ***!", "list": ["***", 3]}
+    with pytest.raises(AuthenticationError) as caught:
+        _protocol.decode_envelope(401, {}, envelope(1002, "bad key sk-abcdefgh"), (b"sk-abcdefgh",))
+    assert "sk-abcdefgh" not in str(caught.value)

@@ -481,3 +481,226 @@ def test_a_bad_url_is_a_configuration_error_without_the_url() -> None:
     with pytest.raises(ConfigurationError) as caught:
         RedisAccount("http://user:s3cret@example.invalid/")
     assert "s3cret" not in str(caught.value)
+
+
+# -- the logical clock, the quarantine, the stored limit, round trips -----------------------
+
+
+async def test_a_new_name_hands_nothing_out_for_one_lease(redis_url: str) -> None:
+    # Redis cannot tell a name's first use from a restart that lost the data: live
+    # holders get one lease to put their slots back before anything is handed out.
+    name = f"fresh-{uuid.uuid4().hex[:8]}"
+    account = RedisAccount(redis_url, name=name, max_running=1, lease=0.6)
+    raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        taking = asyncio.ensure_future(account.acquire("first", nobody))
+
+        async def queued() -> bool:
+            return await raw.zcard(f"kling:{{{name}}}:queue") == 1
+
+        await until(queued, "the first take queued: the quarantine")
+        assert await raw.hlen(f"kling:{{{name}}}:leases") == 0
+        slot = await asyncio.wait_for(taking, 10)
+        assert slot.external_task_id == "first"
+    finally:
+        await account.aclose()
+        await raw.aclose()
+
+
+async def test_after_redis_lost_its_data_nothing_is_handed_out_before_holders_put_theirs_back(
+    redis_server: RedisServer, redis_url: str, name: str
+) -> None:
+    holder = RedisAccount(redis_url, name=name, max_running=2, lease=0.6)
+    other = RedisAccount(redis_url, name=name, max_running=2, lease=0.6)
+    try:
+        for index in range(2):
+            slot = await holder.acquire(f"held-{index}", nobody)
+            await holder.created(slot, running(f"task-{index}", f"held-{index}"))
+        assert await holder.claim("claimed") == Claim()
+        redis_server.restart()
+        # Arrives first on the empty Redis: it must wait, not take a slot the holder has.
+        waiting = asyncio.ensure_future(other.acquire("newcomer", nobody))
+        claiming = asyncio.ensure_future(other.claim("claimed"))
+        raw = aioredis.Redis.from_url(redis_url, decode_responses=True)
+        try:
+
+            async def put_back() -> bool:
+                leases = await raw.hlen(f"kling:{{{name}}}:leases")
+                return leases == 2 and await raw.hexists(f"kling:{{{name}}}:claims", "claimed")
+
+            await until(put_back, "the holder put its slots and claim back")
+            await asyncio.sleep(1.0)  # more than a lease: the quarantine is over
+            assert not waiting.done()  # the account is full
+            assert not claiming.done()  # the holder's claim stands
+            await holder.finished(done("task-0", "held-0"))
+            slot = await asyncio.wait_for(waiting, 10)
+            assert slot.external_task_id == "newcomer"
+            await holder.settle("claimed", running("task-c", "claimed"))
+            claim = await asyncio.wait_for(claiming, 10)
+            assert claim.task is not None and claim.task.task_id == "task-c"
+        finally:
+            await raw.aclose()
+    finally:
+        await holder.aclose()
+        await other.aclose()
+
+
+async def test_leases_and_claims_outlive_a_pause_longer_than_themselves(
+    own_redis_server: RedisServer,
+) -> None:
+    url = own_redis_server.url
+    name = f"pause-{uuid.uuid4().hex[:8]}"
+    seed(url, name)
+    looked_up: list[str] = []
+
+    async def lookup(ext: str) -> Task | None:
+        looked_up.append(ext)
+        return None  # "absent": a look-up would free the slot
+
+    holder = RedisAccount(url, name=name, max_running=1, lease=0.6)
+    other = RedisAccount(url, name=name, max_running=1, lease=0.6)
+    try:
+        slot = await holder.acquire("creating", lookup)  # its create is under way
+        assert await holder.claim("job") == Claim()
+        waiting = asyncio.ensure_future(other.acquire("waiter", lookup))
+        claiming = asyncio.ensure_future(other.claim("job"))
+        await asyncio.sleep(0.3)
+        raw = aioredis.Redis.from_url(url, decode_responses=True)
+        clock = f"kling:{{{name}}}:clock"
+        try:
+            before = float(await raw.hget(clock, "c") or 0)
+            own_redis_server.pause()
+            await asyncio.sleep(2.0)  # longer than the lease and than the claim (3 leases)
+            own_redis_server.resume()
+            # The first scripts after the pause move the account's clock by a third of a
+            # lease at most: the pause itself does not count.
+            after = float(await raw.hget(clock, "c") or 0)
+            assert after - before < 2000 / 2
+        finally:
+            await raw.aclose()
+        await asyncio.sleep(1.5)  # Redis answers again for more than a lease
+        assert not waiting.done() and not claiming.done()
+        assert looked_up == []  # a live holder's slot is never looked up
+        await holder.release(slot)
+        await holder.settle("job", None)
+        assert (await asyncio.wait_for(waiting, 10)).external_task_id == "waiter"
+        assert await asyncio.wait_for(claiming, 10) == Claim()  # nothing against it
+    finally:
+        await holder.aclose()
+        await other.aclose()
+
+
+async def test_an_ambiguous_create_leaves_a_maybe_record_for_the_next_claim(
+    accounts: Callable[..., RedisAccount],
+) -> None:
+    one, two = accounts(), accounts()
+    assert await one.claim("ambiguous") == Claim()
+    await one.settle("ambiguous", None, maybe_created=True)
+    claim = await two.claim("ambiguous")
+    assert claim.task is None
+    assert claim.maybe_since is not None and 0 <= claim.maybe_since < 60
+    await two.settle("ambiguous", None)  # a definite failure keeps the record
+    again = await one.claim("ambiguous")
+    assert again.maybe_since is not None
+
+
+async def test_a_creating_slot_is_never_looked_up_by_its_own_check(
+    accounts: Callable[..., RedisAccount], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kling_async.redis as module
+
+    monkeypatch.setattr(module, "CHECK_AFTER", 0.0)
+    looked_up: list[str] = []
+
+    async def lookup(ext: str) -> Task | None:
+        looked_up.append(ext)
+        return None
+
+    account = accounts(max_running=1, lease=0.3)
+    slot = await account.acquire("slow-create", lookup)  # a 1302 with Retry-After: 25 ...
+    await asyncio.sleep(1.0)  # many renewals and checks
+    assert looked_up == []
+    assert slot.creating
+    await account.created(slot, running("task", "slow-create"))
+    await until(lambda: _true(bool(looked_up)), "checked once created")
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_finished_does_not_wait_for_redis(own_redis_server: RedisServer) -> None:
+    url = own_redis_server.url
+    name = f"finish-{uuid.uuid4().hex[:8]}"
+    seed(url, name)
+    account = RedisAccount(url, name=name, max_running=1, lease=1.0)
+    try:
+        slot = await account.acquire("ext", nobody)
+        await account.created(slot, running("task", "ext"))
+        own_redis_server.pause()
+        try:
+            await asyncio.wait_for(account.finished(done("task", "ext")), 0.5)
+        finally:
+            own_redis_server.resume()
+    finally:
+        await account.aclose()
+
+
+async def test_a_create_with_a_given_limit_costs_two_round_trips(
+    accounts: Callable[..., RedisAccount], raw: aioredis.Redis
+) -> None:
+    account = accounts(max_running=4)
+    await account.release(await account.acquire("warm-up", nobody))
+
+    async def script_calls() -> int:
+        stats = await raw.info("commandstats")
+        return sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("evalsha", "eval"))
+
+    before = await script_calls()
+    for index in range(10):
+        slot = await account.acquire(f"ext-{index}", nobody)
+        await account.created(slot, running(f"task-{index}", f"ext-{index}"))
+        await account.finished(done(f"task-{index}", f"ext-{index}"))
+    await until(lambda: _true(not account._background), "the give-backs done")
+    assert await script_calls() - before == 20  # take, give back: no "created" write
+
+
+async def test_processes_given_different_limits_use_the_smallest_and_warn(
+    accounts: Callable[..., RedisAccount], caplog: pytest.LogCaptureFixture
+) -> None:
+    small, large = accounts(max_running=2), accounts(max_running=5)
+    first = await small.acquire("small-0", nobody)
+    held = [await large.acquire("large-0", nobody)]
+    waiting = asyncio.ensure_future(large.acquire("large-1", nobody))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()  # 2 held: the smallest live limit
+    assert (small.limit, large.limit) == (2, 2)
+    assert "given max_running=5, another process on it was given max_running=2" in caplog.text
+    await small.release(first)
+    held.append(await asyncio.wait_for(waiting, 10))
+    for slot in held:
+        await large.release(slot)
+
+
+async def test_a_claim_soon_after_redis_lost_its_data_may_have_been_sent(
+    redis_server: RedisServer, redis_url: str, name: str
+) -> None:
+    # A holder that died just before the restart lost its claim with the data: a claim
+    # granted within a few leases of the loss says so (the create looks the id up first).
+    redis_server.restart()
+    account = RedisAccount(redis_url, name=name, lease=0.3)
+    try:
+        claim = await asyncio.wait_for(account.claim("after-restart"), 10)
+        assert claim.task is None
+        assert claim.maybe_since is not None and claim.maybe_since >= 0.3  # the quarantine
+        await account.settle("after-restart", None)
+        for attempt in range(200):  # until CLAIM_LEASES + 1 leases of answering time
+            later = await account.claim(f"later-{attempt}")
+            await account.settle(f"later-{attempt}", None)
+            if later == Claim():
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("claims soon after the loss never stopped saying so")
+    finally:
+        await account.aclose()

@@ -121,6 +121,7 @@ async def start_worker(
         "timeout": 10.0,
         "wait": 60.0,
         "attempts": 60,  # a job queue's redelivery, through every pause of the test
+        "debug": bool(os.environ.get("KLING_TEST_WORKER_DEBUG")),
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -128,10 +129,17 @@ async def start_worker(
         json.dumps(config),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        env={**os.environ, "PYTHONPATH": _pythonpath()},
     )
     _started.append(process)
     return Worker(process)
+
+
+def _pythonpath() -> str:
+    # The repository first; then whatever the tests run with (another redis-py, say).
+    return os.pathsep.join(
+        filter(None, [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH")])
+    )
 
 
 def items(worker: int, count: int) -> list[tuple[str, str]]:
@@ -161,8 +169,7 @@ async def test_redis_paused_longer_than_a_lease_three_times_mid_batch(
     # waited on by the others, through the pauses.
     shared = [(f"shared-{i}", f"video-s{i}") for i in range(3)]
     workers = [
-        await start_worker(sim, url, name, shared[w:] + items(w, 4) + shared[:w])
-        for w in range(3)
+        await start_worker(sim, url, name, shared[w:] + items(w, 4) + shared[:w]) for w in range(3)
     ]
     for round_ in range(3):
         await until(lambda r=round_: sim.counters.tasks_created >= 1 + 2 * r, "creates go on")

@@ -95,10 +95,17 @@ async def start_worker(
         WORKER,
         json.dumps(config),
         stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        env={**os.environ, "PYTHONPATH": _pythonpath()},
     )
     _started.append(process)
     return Worker(process)
+
+
+def _pythonpath() -> str:
+    # The repository first; then whatever the tests run with (another redis-py, say).
+    return os.pathsep.join(
+        filter(None, [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH")])
+    )
 
 
 def items(worker: int, count: int) -> list[tuple[str, str]]:

@@ -7,9 +7,9 @@ simulator in the foreground.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -36,8 +36,9 @@ from kling_async._cli._runtime import (
     report,
     run_async,
     run_with_client,
+    simulated,
 )
-from kling_async._client import MAX_PAGE_SIZE, KlingClient
+from kling_async._client import MAX_PAGE, MAX_PAGE_SIZE, KlingClient
 from kling_async._models import Task
 from kling_async.errors import TaskFailedError, WaitTimeoutError
 
@@ -168,7 +169,14 @@ def extend(
         if wait_:
             return await _wait(kling, task, timeout, as_json=as_json)
         print_task(task, as_json=as_json)
-        if not as_json:
+        if not as_json and simulated(kling):
+            click.echo(
+                "The built-in simulator ends with this command, and its task with it: "
+                "use --wait, or serve a lasting one with `kling-async simulate` and point "
+                "KLING_BASE_URL at it.",
+                err=True,
+            )
+        elif not as_json:
             click.echo(f"Wait for it with: kling-async wait {task.task_id}", err=True)
         return EXIT_OK
 
@@ -215,7 +223,7 @@ def wait(task_id: str, timeout: float, as_json: bool, client: ClientOptions) -> 
 
 
 @cli.command("list", short_help="List your tasks, newest first.")
-@click.option("--page", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--page", type=click.IntRange(1, MAX_PAGE), default=1, show_default=True)
 @click.option("--page-size", type=click.IntRange(1, MAX_PAGE_SIZE), default=30, show_default=True)
 @click.option("--all", "all_pages", is_flag=True, help="Every page, not just --page.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one task per line.")
@@ -244,14 +252,15 @@ def list_(page: int, page_size: int, all_pages: bool, as_json: bool, client: Cli
 
 @cli.command(short_help="Save a task's video to a file.")
 @click.argument("task_id")
-@click.argument("dest", type=click.Path(path_type=Path))
+@click.argument("dest", type=click.Path())
 @click.option("--overwrite", is_flag=True, help="Replace the file if it exists.")
 @client_options
-def download(task_id: str, dest: Path, overwrite: bool, client: ClientOptions) -> None:
+def download(task_id: str, dest: str, overwrite: bool, client: ClientOptions) -> None:
     """Save the video of the succeeded task TASK_ID to DEST and print its path.
 
-    DEST is a file, or an existing directory where the video is saved as
-    <video id>.mp4. The file appears only once it is complete.
+    DEST is a file, or a directory where the video is saved as <video id>.mp4: an
+    existing one, or one written with a trailing slash (created if missing). The file
+    appears only once it is complete.
     """
 
     async def body(kling: KlingClient) -> int:
@@ -263,6 +272,8 @@ def download(task_id: str, dest: Path, overwrite: bool, client: ClientOptions) -
                 + ("" if task.is_terminal else f" yet (try: kling-async wait {task_id})")
             )
             return EXIT_FAILED
+        if dest.endswith(("/", os.sep)):  # a directory, as written (Path() drops the slash)
+            os.makedirs(dest, exist_ok=True)
         with download_display(task.videos[0].id) as show:
             path = await kling.download(task, dest, overwrite=overwrite, on_progress=show)
         saved(path)

@@ -316,6 +316,28 @@ class BatchRun:
             self._emit(rest.number, error=error, problem=problem)
 
 
+def default_journal(input_path: Path) -> Path:
+    """The journal a batch keeps when none is named: beside its input."""
+    return input_path.with_name(input_path.name + ".journal.sqlite")
+
+
+def announce_journal(journal: Path) -> None:
+    """The batch's first line: which journal it keeps, and whether this run resumes one."""
+    shown = _shown_path(journal.absolute())
+    if journal.exists():
+        click.echo(
+            f"journal: {shown} (found: rows finished before come from it and running ones "
+            "are collected; no task is created twice)",
+            err=True,
+        )
+    else:
+        click.echo(
+            f"journal: {shown} (run the same command again to pick up where it stopped; "
+            "--no-journal to keep none)",
+            err=True,
+        )
+
+
 async def usable_credit(kling: KlingClient) -> float | None:
     """Units left in the account's usable packs; None where the API does not say (gateways)."""
     try:
@@ -385,9 +407,15 @@ def open_binary(path: str) -> IO[bytes]:
     "--journal",
     type=click.Path(dir_okay=False, path_type=Path),
     metavar="PATH",
-    help="SQLite file recording every row. Rerun the same INPUT with the same journal "
-    "after a crash or a --timeout: finished rows come from the journal and submitted "
-    "ones are polled, so no task is created twice.",
+    help="SQLite file recording every row [default: INPUT.journal.sqlite beside the input; "
+    "none for stdin]. Rerun the same command after a crash, a --timeout or Ctrl-C: "
+    "finished rows come from the journal and submitted ones are polled, so no task is "
+    "created twice.",
+)
+@click.option(
+    "--no-journal",
+    is_flag=True,
+    help="Keep no journal: running the command again submits every row again.",
 )
 @click.option(
     "--download",
@@ -426,6 +454,7 @@ def batch(
     as_json: bool,
     concurrency: int | None,
     journal: Path | None,
+    no_journal: bool,
     download_dir: Path | None,
     naming: str,
     no_wait: bool,
@@ -446,8 +475,12 @@ def batch(
     A bad row is reported naming the row, the field, the rule and the value given,
     sends nothing, and the batch goes on. Progress goes to stderr.
 
-    With --simulate and --journal, the simulator keeps its tasks in PATH.sim-state.json,
-    so Ctrl-C and the same command again finish every row, as with Kling.
+    Keeps a journal by default (INPUT.journal.sqlite beside the input; the first line on
+    stderr names it), so the same command run twice never creates a task twice: the
+    second run finishes from the journal and says so. --no-journal keeps none; input
+    from stdin has none unless --journal is given. With --simulate, the simulator keeps
+    its tasks beside the journal (JOURNAL.sim-state.json), so Ctrl-C and the same
+    command again finish every row, as with Kling.
 
     Exits 0 when every row succeeded, 1 when any failed, 2 on a usage problem or when
     the service refuses the credentials (the batch stops at the first row).
@@ -465,6 +498,10 @@ def batch(
         raise click.UsageError(str(error)) from None
     if out is not None and input_path != "-" and out.resolve() == Path(input_path).resolve():
         raise click.UsageError("--out must not be the input file")
+    if no_journal and journal is not None:
+        raise click.UsageError("--journal and --no-journal cannot go together")
+    if journal is None and not no_journal and input_path != "-":
+        journal = default_journal(Path(input_path))
     with contextlib.ExitStack() as stack:
         try:
             rows = _open_rows(stack, input_path, fmt)
@@ -484,6 +521,8 @@ def batch(
             readable = ReadableRows()  # stderr is not the terminal: rows go to stdout
 
         async def body(kling: KlingClient) -> int:
+            if journal is not None:
+                announce_journal(journal)
             before = await usable_credit(kling)
             if before is not None:
                 notice(f"resource packs: {before:g} units usable before the batch")

@@ -19,7 +19,11 @@ from typing import IO, Any, Final, TypeAlias
 import attrs
 import orjson
 
-from kling_async._converter import request_from_fields
+from kling_async._converter import (
+    REQUEST_FIELDS,
+    request_from_fields,
+    unknown_and_missing_fields,
+)
 from kling_async._models import ExtendRequest
 from kling_async.errors import ValidationError
 
@@ -179,6 +183,18 @@ def read_csv(stream: IO[str]) -> Iterator[Row]:
     duplicates = sorted({name for name in header if header.count(name) > 1})
     if duplicates:
         raise InputError(f"the CSV header names {', '.join(duplicates)} more than once")
+    # Checked once, before anything is sent: not one identical error per row.
+    unknown, missing = unknown_and_missing_fields(header) if header else ([], [])
+    problems = []
+    if unknown:
+        problems.append(f"unknown columns {', '.join(unknown)}")
+    if missing:
+        problems.append(f"missing required columns {', '.join(missing)}")
+    if problems:
+        raise InputError(
+            f"the CSV header has {' and '.join(problems)} "
+            f"(the columns are {', '.join(REQUEST_FIELDS)})"
+        )
     return _csv_rows(reader, header)
 
 

@@ -74,6 +74,7 @@ class ClientOptions:
     max_in_flight: int = 8
     request_timeout: float = 60.0
     poll_interval: float | None = None
+    allow_insecure: bool = False
 
     def poll_policy(self) -> PollPolicy | None:
         """A fixed-interval poll policy when ``--poll-interval`` was given."""
@@ -123,6 +124,7 @@ def client_options(command: Callable[..., None]) -> Callable[..., None]:
         max_in_flight: int,
         request_timeout: float,
         poll_interval: float | None,
+        allow_insecure: bool,
         **kwargs: Any,
     ) -> None:
         options = ClientOptions(
@@ -131,6 +133,7 @@ def client_options(command: Callable[..., None]) -> Callable[..., None]:
             max_in_flight=max_in_flight,
             request_timeout=request_timeout,
             poll_interval=poll_interval,
+            allow_insecure=allow_insecure,
         )
         command(*args, client=options, **kwargs)
 
@@ -152,6 +155,12 @@ def client_options(command: Callable[..., None]) -> Callable[..., None]:
             metavar="URL",
             help="API root, with a gateway's /kling prefix if it has one "
             f"[default: $KLING_BASE_URL, else {DEFAULT_BASE_URL}].",
+        ),
+        click.option(
+            "--allow-insecure",
+            is_flag=True,
+            help="Allow a plain http:// --base-url to a host that is not this machine "
+            "(the key then crosses the network in clear text).",
         ),
         click.option(
             "--max-in-flight",
@@ -234,7 +243,9 @@ async def open_client(
         "poll": options.poll_policy(),
     }
     if not simulated:
-        async with KlingClient(base_url=options.base_url, **settings) as client:
+        async with KlingClient(
+            base_url=options.base_url, allow_insecure=options.allow_insecure, **settings
+        ) as client:
             yield client
         return
     from kling_async.testing import SimPack, Simulator  # aiohttp.web: only when needed
@@ -258,7 +269,20 @@ async def open_client(
         simulator,
         KlingClient(api_key=simulator.api_key, base_url=simulator.base_url, **settings) as client,
     ):
-        yield client
+        _SIMULATED.add(id(client))
+        try:
+            yield client
+        finally:
+            _SIMULATED.discard(id(client))
+
+
+#: The clients `open_client` made for a built-in simulator (by id, while they are open).
+_SIMULATED: set[int] = set()
+
+
+def simulated(client: KlingClient) -> bool:
+    """Whether `client` talks to a built-in simulator that ends with the command."""
+    return id(client) in _SIMULATED
 
 
 def run_with_client(

@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--credit", type=int, default=None, help="tasks the account may create (429/1102)")
     add("--seed", type=int, default=None, help="random seed")
     add("--webhook-secret", default=None, help="whsec_... secret to sign callbacks")
-    add("--file-size", type=int, default=256 * 1024, help="bytes per result file")
+    add("--file-size", type=int, default=0, help="pad each result MP4 to this many bytes")
     return parser
 
 

@@ -217,6 +217,23 @@ async def send_short_body(
     return response
 
 
+async def send_unframed_body(
+    request: web.BaseRequest, body: bytes, *, status: int, content_type: str
+) -> web.StreamResponse:
+    """Send half of `body` with neither `Content-Length` nor chunked encoding, then close.
+
+    HTTP/1.1 lets such a body end where the connection ends (RFC 9112, 6.3), so the
+    client cannot tell the cut from the end of the file: only the file itself can.
+    """
+    transport = request.transport
+    if transport is not None:
+        head = (
+            f"HTTP/1.1 {status} OK\r\nContent-Type: {content_type}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        transport.write(head + body[: len(body) // 2])
+    return await drop_connection(request)
+
+
 def connection_gone(request: web.BaseRequest) -> bool:
     """Whether the client has closed (or lost) the request's connection.
 

@@ -1,4 +1,4 @@
-"""The result-file server's content: deterministic bytes per video, with `Range` support."""
+"""The result-file server's content: a real MP4 per video (see `_mp4`), with `Range` support."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import re
 
 from aiohttp import web
 
-from ._faults import send_short_body
+from ._faults import send_short_body, send_unframed_body
+from ._mp4 import mp4_video
 
 __all__ = ["file_bytes", "serve_file"]
 
@@ -16,9 +17,12 @@ _RANGE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
 
 
 @functools.lru_cache(maxsize=64)
-def file_bytes(video_id: str, size: int) -> bytes:
-    """`size` deterministic bytes for `video_id` (SHAKE-256 of the id)."""
-    return hashlib.shake_256(f"kling-sim:{video_id}".encode()).digest(size) if size else b""
+def file_bytes(video_id: str, size: int, duration: float = 5.0) -> bytes:
+    """The playable MP4 of `video_id` (`duration` seconds), padded to `size` bytes.
+
+    A `size` smaller than the video itself (about 4 KB) gives the video unpadded.
+    """
+    return mp4_video(video_id, duration, size)
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | bool | None:
@@ -42,10 +46,18 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | bool | None:
 
 
 async def serve_file(
-    request: web.Request, video_id: str, size: int, *, cut_short: bool
+    request: web.Request,
+    video_id: str,
+    size: int,
+    duration: float,
+    *,
+    cut_short: bool,
+    unframed: bool = False,
 ) -> web.StreamResponse:
-    """Serve the video's bytes (200, or 206 for a `Range`); `cut_short` closes mid-body."""
-    content = file_bytes(video_id, size)
+    """Serve the video's bytes (200, or 206 for a `Range`); `cut_short` closes mid-body,
+    after announcing the whole length or, `unframed`, announcing none."""
+    content = file_bytes(video_id, size, duration)
+    size = len(content)
     etag = '"' + hashlib.sha256(content).hexdigest()[:32] + '"'
     headers = {"Accept-Ranges": "bytes", "ETag": etag}
     status = 200
@@ -60,6 +72,8 @@ async def serve_file(
             content = content[start:end]
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
             status = 206
+    if cut_short and unframed and request.method != "HEAD":
+        return await send_unframed_body(request, content, status=status, content_type="video/mp4")
     if cut_short and request.method != "HEAD":
         return await send_short_body(
             request, content, status=status, content_type="video/mp4", headers=headers

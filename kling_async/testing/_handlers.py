@@ -359,7 +359,14 @@ class Handlers:
             FaultKind.SHORT_BODY,
             FaultKind.TRUNCATED,
         )
-        return await serve_file(request, video.id, self._settings.file_size, cut_short=cut_short)
+        return await serve_file(
+            request,
+            video.id,
+            self._settings.file_size,
+            video.duration,
+            cut_short=cut_short,
+            unframed=fault is not None and fault.kind is FaultKind.TRUNCATED,
+        )
 
     async def _handle_file_unknown(self, request: web.Request) -> web.StreamResponse:
         self._settings.counters.file_requests += 1

@@ -34,7 +34,8 @@ class FaultKind(str, enum.Enum):
         SLOW: the answer is held back `delay` seconds (a create creates its task first).
         HTML: HTTP 200 with a proxy's HTML page (a create creates its task first).
         TRUNCATED: HTTP 200 with the JSON body cut in half (a create creates its task first);
-            on the files server it behaves like `SHORT_BODY`.
+            on the files server, half the file with neither `Content-Length` nor chunked
+            encoding, then the connection closes (the cut looks like the end of the file).
         SHORT_BODY: `Content-Length` announces the full body but the connection closes after
             half of it (meant for the files server; on the API it cuts the envelope).
         HOLD: a gateway that queues the request: a create gets no answer for `delay`

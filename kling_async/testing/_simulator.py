@@ -75,7 +75,9 @@ class Simulator:
         webhook_secret: a `whsec_...` secret; callbacks are then signed (standardwebhooks).
         host: interface to listen on.
         port: API port (0 picks a free one).
-        file_size: bytes of each served result file.
+        file_size: pad each served result file to this many bytes (with an MP4 ``free``
+            box); 0, or less than the video itself, serves the video alone. Result files
+            are real, playable MP4s of a few KB (H.264, 32x32), a different one per video.
         files_port: files server port (0 picks a free one).
         latency: seconds every API answer takes at least (with 0 the handler still yields
             to the event loop once, so concurrent requests overlap as on a real server).
@@ -146,7 +148,7 @@ class Simulator:
         webhook_secret: str | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
-        file_size: int = 256 * 1024,
+        file_size: int = 0,
         files_port: int = 0,
         latency: float = 0.0,
         clock: Clock | None = None,
