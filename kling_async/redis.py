@@ -39,11 +39,13 @@ logs a WARNING when it sees a claim of its own lost):
   its holder failed to renew it for one lease of time during which Redis answered; a
   pause of any length lapses nothing, and waiting creates resume within one lease of
   Redis answering again.
-- **Redis that comes back empty** (a restart without persistence, a flush) hands out
+- **Redis that comes back empty** (a restart without persistence) hands out
   no slot and grants no claim for one lease of that clock: the *quarantine*, during
   which live holders notice the new epoch at their next renewal and put their slots,
-  claims and queue places back. Redis cannot tell this from the first use of ``name``,
-  so the first create on a fresh Redis also waits one lease. Records of ended creates
+  claims and queue places back. It is told from the first use of ``name`` by Redis's
+  uptime: with no epoch on a Redis up for longer than a lease, nobody renewed anything
+  under the name for a lease, so there is nothing to put back and no wait (a ``FLUSHALL``
+  or an eviction on a long-running Redis is taken for a first use). Records of ended creates
   (tasks, ``maybe`` records) lost with the data are lost.
 - **The limit is stored with the account.** Every process registers its
   ``max_running`` (renewed while the account is open); the limit is the smallest given
@@ -174,12 +176,18 @@ local calm = tonumber(c[4]) or 0
 local lost_at = tonumber(c[5]) or -1e15
 local epoch = redis.call('GET', KEYS[11])
 if not epoch then
-  -- Redis lost the data (or this name is new): give live holders one lease of
-  -- answering time to put their slots and claims back before anything is handed out.
   epoch = ARGV[3]
   redis.call('SET', KEYS[11], epoch)
-  calm = now + LEASE
-  lost_at = now
+  -- Redis restarted less than a lease ago: it may have lost live holders' slots and
+  -- claims. Give them one lease of answering time to put them back (their renewals,
+  -- every third of a lease, see the new epoch) before anything is handed out. Up for
+  -- longer with no epoch, nobody has renewed anything here for a lease: a new name.
+  local info = redis.pcall('INFO', 'server')
+  local up = type(info) == 'string' and tonumber(string.match(info, 'uptime_in_seconds:(%d+)'))
+  if not up or up * 1000 < LEASE then
+    calm = now + LEASE
+    lost_at = now
+  end
 end
 redis.call('HSET', KEYS[13], 't', wall, 'c', now, 'k', cap, 'q', calm, 'l', lost_at)
 local quiet = now < calm
