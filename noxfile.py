@@ -21,7 +21,7 @@ nox.needs_version = ">=2025.2.9"
 # there is none (nox/virtualenv.py, `uv_version`); that line is harmless and cannot be
 # turned off from here.
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
+nox.options.sessions = ["tests", "tests-redis-newest", "lint", "typecheck", "docs"]
 # Reuse session virtualenvs locally (installs still run, and are quick when nothing
 # changed); CI starts from a fresh clone, so it always builds them anew.
 nox.options.reuse_venv = "yes"

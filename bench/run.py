@@ -19,10 +19,12 @@ runs both sides in the same run, against the same simulator process, in alternat
    (given and learned): wall time against the ideal (target <= 1.3x) and 1303 answers
    per task (<= 0.1 given, <= 0.5 learned); and a RedisAccount's cost per create
    (target < 1 ms). Its own table, printed after the others.
+6. What exactly-once costs (`guarantees.py`): requests and client CPU per `extend` with
+   the client's own id and with a caller-given one (looked up first: target <= 1 GET).
 
 Options: ``--items N`` (default 20000), ``--rounds R`` (default 5), ``--calls C`` (per
 call, default 2000), ``--import-reps K`` (default 40), ``--rss-small``, ``--rss-large``
-(defaults 10000 and 100000), ``--only {cpu,throughput,import,rss,accounts,otel}``
+(defaults 10000 and 100000), ``--only {cpu,throughput,import,rss,accounts,guarantees,otel}``
 (repeatable).
 """
 
@@ -41,6 +43,7 @@ import uuid
 
 import accounts
 import aiohttp
+import guarantees
 import imports
 import orjson
 import per_call
@@ -273,7 +276,7 @@ def main() -> int:
     parser.add_argument(
         "--only",
         action="append",
-        choices=["cpu", "throughput", "import", "rss", "accounts", "otel"],
+        choices=["cpu", "throughput", "import", "rss", "accounts", "guarantees", "otel"],
         default=None,
     )
     parser.add_argument("--rss-child", nargs=3, metavar=("N", "BASE_URL", "API_KEY"))
@@ -282,7 +285,9 @@ def main() -> int:
         n, base_url, api_key = args.rss_child
         rss_child(base_url, api_key, int(n))
         return 0
-    only = set(args.only or ["cpu", "throughput", "import", "rss", "accounts", "otel"])
+    only = set(
+        args.only or ["cpu", "throughput", "import", "rss", "accounts", "guarantees", "otel"]
+    )
     if args.skip_rss:
         only.discard("rss")
 
@@ -318,6 +323,9 @@ def main() -> int:
     if account_rows:
         print()
         print(accounts.table(account_rows))
+    if "guarantees" in only:
+        print()
+        print("\n".join(guarantees.run(rounds=min(args.rounds, 3))))
     return 0
 
 

@@ -117,7 +117,10 @@ class _Create:
 
     @property
     def maybe_created(self) -> bool:
-        return self.state != _FRESH
+        """Whether a request may have created the task without our knowing it: one of
+        ours failed ambiguously, the service accepted one, or an earlier create of the
+        id left that news (a look-up of an id nothing is known against is not news)."""
+        return self.state == _CREATED or (self.state == _MAYBE and self.trust_at > 0)
 
     def suspect(self, trust_at: float = 0.0) -> None:
         """The id may have been used: look it up before any POST; trust "absent" from

@@ -51,9 +51,9 @@ class Worker:
 
     async def finish(self) -> list[dict[str, Any]]:
         assert self.process.stdout is not None
-        out, _ = await asyncio.wait_for(self.process.communicate(), 90)
+        out, err = await asyncio.wait_for(self.process.communicate(), 90)
         self.lines += [json.loads(line) for line in out.decode().splitlines() if line]
-        assert self.process.returncode == 0
+        assert self.process.returncode == 0, err.decode()[-4000:]
         return self.lines
 
 
@@ -95,6 +95,7 @@ async def start_worker(
         WORKER,
         json.dumps(config),
         stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,  # the account's warnings, shown when one fails
         env={**os.environ, "PYTHONPATH": _pythonpath()},
     )
     _started.append(process)
