@@ -285,8 +285,12 @@ def run(
             runs = [
                 asyncio.run(redis_account.measure(url, creates, concurrency)) for _ in range(rounds)
             ]
-            costs[concurrency] = statistics.median(runs)
-            print(f"RedisAccount per create, {concurrency} caller(s): {costs[concurrency]:.3f} ms")
+            costs[concurrency] = statistics.median(ms for ms, _ in runs)
+            trips = statistics.median(trips for _, trips in runs)
+            print(
+                f"RedisAccount per create, {concurrency} caller(s): {costs[concurrency]:.3f} ms,"
+                f" {trips:.2f} Redis round trips"
+            )
     report["redis_ms_per_create"] = {
         "one_after_another": round(costs[1], 3),
         "64_concurrent": round(costs[64], 3),
