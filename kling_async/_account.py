@@ -30,7 +30,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -53,8 +52,6 @@ Lookup = Callable[[str], Awaitable["Task | None"]]
 #: A slot whose task nobody reported for this long is looked up by the account itself
 #: (a task created with `extend` and never waited on must not hold its slot forever).
 CHECK_AFTER: Final = 15.0
-#: After a 1303 with nothing of ours running, wait at most this long before trying again.
-REFUSED_WAIT_CAP: Final = 30.0
 #: How many settled external ids an `InMemoryAccount` remembers (oldest forgotten first).
 SETTLED_MEMORY: Final = 10_000
 
@@ -292,7 +289,7 @@ class InMemoryAccount(Account):
         freed = self._freed
         # Wait for one of our tasks to finish; when none of ours runs, the tasks filling
         # the account are someone else's, and only time tells: a jittered backoff.
-        wait = retry_after or random.uniform(1.0, 5.0 if self._held else REFUSED_WAIT_CAP)
+        wait = _protocol.refused_wait(retry_after, ours_running=bool(self._held))
         await asyncio.wait((asyncio.shield(freed),), timeout=wait)
 
     async def release(self, slot: AccountSlot, *, maybe_created: bool = False) -> None:

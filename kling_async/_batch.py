@@ -33,7 +33,7 @@ from kling_async import _protocol
 from kling_async._account import Account, InMemoryAccount
 from kling_async._config import is_int_in
 from kling_async._hooks import call_back
-from kling_async._journal import FINISHED, PENDING, SUBMITTED, Journal, fingerprint, is_final_error
+from kling_async._journal import FINISHED, PENDING, SUBMITTED, Journal, fingerprint
 from kling_async._models import BatchProgress, BatchResult, ExtendRequest, Task
 from kling_async._tasks import Tasks
 from kling_async._types import CallbackSource, OnProgress
@@ -88,7 +88,7 @@ class Batch:
         self._input_lock = asyncio.Lock()
         self._next_index = 0
         self._input_done = False
-        self._no_credit: KlingError | None = None
+        self._stopped: KlingError | None = None
         self.pulled = 0
         self.submitted = 0
         self.running = 0
@@ -245,9 +245,9 @@ class Batch:
         if resumed_task is not None:
             task = resumed_task
         else:
-            if self._no_credit is not None:
-                await record(FINISHED, error=self._no_credit)
-                return BatchResult(index=index, request=request, error=self._no_credit)
+            if self._stopped is not None:
+                await record(FINISHED, error=self._stopped)
+                return BatchResult(index=index, request=request, error=self._stopped)
             if journal is not None and row is None:
                 await record(PENDING)  # durable before the POST (synchronous=FULL)
             # A resumed journal may have lost rows (a copy without its -wal, an OS crash):
@@ -268,9 +268,11 @@ class Batch:
                     on_refused=self._refused,
                 )
             except KlingError as error:
-                if _protocol.is_no_credit(error) and self._no_credit is None:
-                    logger.warning("no credit left (%s); submitting no more items", error)
-                    self._no_credit = error
+                stop = _protocol.decide(error).action is _protocol.Action.STOP_BATCH
+                if stop and self._stopped is None:
+                    # No credit, or credentials refused: every further create would fail.
+                    logger.warning("%s; submitting no more items", error)
+                    self._stopped = error
                 await record(FINISHED, error=error)
                 return BatchResult(index=index, request=request, error=error)
             self.submitted += 1
@@ -314,8 +316,8 @@ class Batch:
         return update
 
     def _check_credit(self) -> None:
-        if self._no_credit is not None:
-            raise self._no_credit
+        if self._stopped is not None:
+            raise self._stopped
 
     def _refused(self) -> None:
         self.throttled += 1
@@ -328,7 +330,7 @@ class Batch:
         task: Task | None,
         error: KlingError | None,
     ) -> BatchResult | None:
-        if state == FINISHED and (error is None or is_final_error(error)):
+        if state == FINISHED and (error is None or _protocol.decide(error).final):
             return BatchResult(index=index, request=request, task=task, error=error)
         if state == SUBMITTED and not self._wait:
             return BatchResult(index=index, request=request, task=task)

@@ -37,7 +37,6 @@ from kling_async._types import CallbackSource, OnUpdate
 from kling_async.errors import (
     APITimeoutError,
     KlingError,
-    RateLimitError,
     ResponseFormatError,
     TaskFailedError,
     WaitTimeoutError,
@@ -57,11 +56,6 @@ logger = logging.getLogger("kling_async")
 
 #: With callbacks, waits poll this many times less often (a backstop only).
 CALLBACK_BACKSTOP_FACTOR: Final = 3.0
-
-
-def _retry_unless_full(error: BaseException) -> bool:
-    # With an account, a 1303 is the account's to handle (wait for a slot), not a retry.
-    return _protocol.is_retryable(error) and not _protocol.is_concurrency_limit(error)
 
 
 #: What one create knows of its external id: nothing was sent that the service may have
@@ -96,7 +90,7 @@ def _suspect(key: tuple[str, str], trust_at: float) -> None:
 class _Create:
     """One create's state machine (fresh, maybe created, created) and its tries."""
 
-    __slots__ = ("before_post", "body", "external_id", "limited_at", "send", "state", "trust_at")
+    __slots__ = ("before_post", "body", "external_id", "not_before", "send", "state", "trust_at")
 
     def __init__(
         self,
@@ -112,8 +106,8 @@ class _Create:
         self.state = _FRESH
         #: `time.monotonic()` from which a "no such task" answer proves absence.
         self.trust_at = 0.0
-        #: When a POST of this create was last answered 429 (1302, 1303).
-        self.limited_at: float | None = None
+        #: `time.monotonic()` before which no POST goes out (the service asked to wait).
+        self.not_before: float | None = None
 
     @property
     def maybe_created(self) -> bool:
@@ -154,8 +148,10 @@ class _Create:
                 wait,
             )
             await asyncio.sleep(wait)
-        if self.limited_at is not None:
-            await asyncio.sleep(self.limited_at + _protocol.MIN_WAIT_AFTER_429 - time.monotonic())
+        if self.not_before is not None:
+            # The service's wait (`_protocol.decide`) holds between POSTs of one create
+            # even when the account, not the retry runner, decided to try again.
+            await asyncio.sleep(self.not_before - time.monotonic())
         if self.before_post is not None:
             self.before_post()
         try:
@@ -169,9 +165,11 @@ class _Create:
                 task = await self._look_up()
                 if task is not None:
                     return task
-            elif isinstance(error, RateLimitError):
-                self.limited_at = time.monotonic()
-                if _telemetry.AVAILABLE and _protocol.is_concurrency_limit(error):
+            else:
+                decision = _protocol.decide(error)
+                if decision.wait is not None:
+                    self.not_before = time.monotonic() + decision.wait
+                if _telemetry.AVAILABLE and decision.action is _protocol.Action.WAIT_FOR_SLOT:
                     _telemetry.create_refused()
             raise
         except asyncio.CancelledError:
@@ -389,10 +387,11 @@ class Tasks:
                         create.attempt,
                         "POST",
                         _protocol.EXTEND_PATH,
-                        retry_if=_retry_unless_full,
+                        slots=True,
                     )
                 except KlingError as error:
-                    if not _protocol.is_concurrency_limit(error):
+                    decision = _protocol.decide(error)
+                    if decision.action is not _protocol.Action.WAIT_FOR_SLOT:
                         raise
                     assert slot is not None
                     if on_refused is not None:

@@ -213,7 +213,8 @@ class ContentPolicyError(APIStatusError):
 
 
 class RateLimitError(APIStatusError):
-    """429: too many requests (1302) or too many running tasks (1303). Retried."""
+    """429: too many requests (1302) or too many running tasks (1303), both retried (at
+    least a second apart), as is a 429 without a code; another 429 code is not."""
 
 
 class ServerError(APIStatusError):

@@ -82,7 +82,6 @@ import collections
 import contextlib
 import logging
 import math
-import random
 import time
 import uuid
 from collections.abc import Coroutine
@@ -99,10 +98,10 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
         "kling_async.redis needs redis-py: pip install 'kling-async[redis]'"
     ) from error
 
+from kling_async import _protocol
 from kling_async._account import (
     CHECK_AFTER,
     IO_TIMEOUT,
-    REFUSED_WAIT_CAP,
     Account,
     AccountSlot,
     Claim,
@@ -528,28 +527,28 @@ class RedisAccount(Account):
         slot.creating = False
         self._forget(slot.token)
         self._freed.clear()
-        longest = retry_after or REFUSED_WAIT_CAP
+        # Wait for a slot to free anywhere on the account, or (when this process holds
+        # no slot, so what fills the account is not ours) a jittered backoff; as
+        # InMemoryAccount does. The backoff key lives as long as this wait.
+        wait = _protocol.refused_wait(retry_after, ours_running=bool(self._held))
         try:
-            held, limit = await self._complete(
+            _, limit = await self._complete(
                 self._call(
                     self._refused_script,
                     [
                         slot.token,
                         "1" if self.max_running is None else "0",
-                        math.ceil(longest * 1000),
+                        math.ceil(wait * 1000),
                     ],
                 )
             )
         except APIConnectionError as error:
             logger.info("giving back a refused slot failed (retried at renewals): %s", error)
             self._drop_later(slot.token)
-            held, limit = 1, 0
+            limit = 0
         self._note_limit(limit)
         with contextlib.suppress(APIConnectionError):
             await self._listen()
-        # Wait for a slot to free anywhere on the account, or (when the account holds no
-        # slot, so what fills it is not ours) a jittered backoff; as InMemoryAccount does.
-        wait = retry_after or random.uniform(1.0, REFUSED_WAIT_CAP if not held else 5.0)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._freed.wait(), wait)
 
