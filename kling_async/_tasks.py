@@ -244,9 +244,21 @@ class Tasks:
     async def create(
         self,
         request: ExtendRequest,
-        **options: Any,
+        *,
+        account: Account | None = None,
+        look_up_first: bool | None = None,
+        slot_timeout: float | None = None,
+        before_post: Callable[[], None] | None = None,
+        on_refused: Callable[[], None] | None = None,
     ) -> Task:
         """`create_once`, reported as a ``kling extend`` span when telemetry records."""
+        options: dict[str, Any] = {
+            "account": account,
+            "look_up_first": look_up_first,
+            "slot_timeout": slot_timeout,
+            "before_post": before_post,
+            "on_refused": on_refused,
+        }
         report = _telemetry.operation("kling extend", {}) if _telemetry.AVAILABLE else None
         if report is None:
             return await self.create_once(request, **options)
