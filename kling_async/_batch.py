@@ -34,7 +34,7 @@ from kling_async._account import Account, InMemoryAccount
 from kling_async._config import is_int_in
 from kling_async._hooks import call_back
 from kling_async._journal import FINISHED, PENDING, SUBMITTED, Journal, fingerprint
-from kling_async._models import BatchProgress, BatchResult, ExtendRequest, Task
+from kling_async._models import WAIT_TIMEOUT, BatchProgress, BatchResult, ExtendRequest, Task
 from kling_async._tasks import Tasks
 from kling_async._types import CallbackSource, OnProgress
 from kling_async.errors import KlingError, ValidationError
@@ -42,8 +42,6 @@ from kling_async.errors import KlingError, ValidationError
 logger = logging.getLogger("kling_async")
 
 _DONE: Final = object()
-#: How long a batch item waits for its task (as `wait_for_task` does by default).
-ITEM_WAIT_TIMEOUT: Final = 900.0
 
 
 class Batch:
@@ -259,7 +257,7 @@ class Batch:
             final = await self._tasks.wait(
                 task.task_id,
                 task,
-                timeout=ITEM_WAIT_TIMEOUT,
+                timeout=WAIT_TIMEOUT,
                 on_update=None if self._on_update is None else self._item_update(item.index),
                 callbacks=self._callbacks,
                 account=self._account,

@@ -11,7 +11,7 @@ import math
 import re
 import urllib.parse
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 import attrs
 
@@ -263,6 +263,11 @@ def _check_factor(instance: object, attribute: attrs.Attribute[Any], value: obje
 def _check_jitter(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise ValidationError(attribute.name, "must be a number from 0 up to (not) 1", value)
+
+
+#: How long a wait for a task lasts by default: `wait_for_task`, `extend_and_wait` (their
+#: signatures spell it out, and a test holds them to this), a batch item, a chain step.
+WAIT_TIMEOUT: Final = 900.0
 
 
 @attrs.frozen

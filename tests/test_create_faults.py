@@ -261,3 +261,18 @@ async def test_waiting_on_a_create_answer_that_already_says_succeed_returns_the_
         task = await kling.extend(request())
         done = await kling.wait_for_task(task)
     assert done.succeeded and done.videos
+
+
+def test_every_public_wait_defaults_to_the_one_wait_timeout() -> None:
+    import inspect
+
+    from kling_async import SyncKlingClient
+    from kling_async._models import WAIT_TIMEOUT
+
+    for method in (
+        KlingClient.wait_for_task,
+        KlingClient.extend_and_wait,
+        SyncKlingClient.wait_for_task,
+        SyncKlingClient.extend_and_wait,
+    ):
+        assert inspect.signature(method).parameters["timeout"].default == WAIT_TIMEOUT, method
