@@ -21,7 +21,7 @@ nox.needs_version = ">=2025.2.9"
 # there is none (nox/virtualenv.py, `uv_version`); that line is harmless and cannot be
 # turned off from here.
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["tests", "lint", "typecheck", "docs"]
+nox.options.sessions = ["tests", "tests-redis-newest", "lint", "typecheck", "docs"]
 # Reuse session virtualenvs locally (installs still run, and are quick when nothing
 # changed); CI starts from a fresh clone, so it always builds them anew.
 nox.options.reuse_venv = "yes"
@@ -46,8 +46,9 @@ _NO_CREDENTIALS: dict[str, str | None] = dict.fromkeys(
 def tests(session: nox.Session) -> None:
     """Run the test suite with branch coverage (subprocesses included); fail under 90 %."""
     # Editable, so the tests, the subprocesses they start and coverage all see the
-    # same files: ./kling_async.
-    session.install("-e", ".[test]")
+    # same files: ./kling_async. The otel extra (and the test extra's SDK) make the
+    # telemetry tests (tests/test_telemetry.py) run, not skip.
+    session.install("-e", ".[otel,test]")
     # The oldest redis-py the `redis` extra admits (arq, in the test extra, pins <6);
     # `tests-redis-newest` runs the RedisAccount tests on the newest.
     session.install("redis==5.0.1")

@@ -19,13 +19,16 @@ runs both sides in the same run, against the same simulator process, in alternat
    (given and learned): wall time against the ideal (target <= 1.3x) and 1303 answers
    per task (<= 0.1 given, <= 0.5 learned); and a RedisAccount's cost per create
    (target < 1 ms). Its own table, printed after the others.
-6. The command line's start-up (`imports.py`): ``kling-async --help`` and a usage error,
+6. What exactly-once costs (`guarantees.py`): requests and client CPU per `extend` with
+   the client's own id and with a caller-given one (looked up first: target <= 1 GET).
+7. The command line's start-up (`imports.py`): ``kling-async --help`` and a usage error,
    whole processes (interpreter start-up included), beside a process that imports
    aiohttp. Target: ``--help`` <= 0.15 s on a quiet machine (click alone is loaded).
 
 Options: ``--items N`` (default 20000), ``--rounds R`` (default 5), ``--calls C`` (per
 call, default 2000), ``--import-reps K`` (default 40), ``--rss-small``, ``--rss-large``
-(defaults 10000 and 100000), ``--only {cpu,throughput,import,cli,rss,accounts}``
+(defaults 10000 and 100000),
+``--only {cpu,throughput,import,cli,rss,accounts,guarantees,otel}``
 (repeatable).
 """
 
@@ -44,6 +47,7 @@ import uuid
 
 import accounts
 import aiohttp
+import guarantees
 import imports
 import orjson
 import per_call
@@ -299,7 +303,7 @@ def main() -> int:
     parser.add_argument(
         "--only",
         action="append",
-        choices=["cpu", "throughput", "import", "cli", "rss", "accounts"],
+        choices=["cpu", "throughput", "import", "cli", "rss", "accounts", "guarantees", "otel"],
         default=None,
     )
     parser.add_argument("--rss-child", nargs=3, metavar=("N", "BASE_URL", "API_KEY"))
@@ -308,7 +312,9 @@ def main() -> int:
         n, base_url, api_key = args.rss_child
         rss_child(base_url, api_key, int(n))
         return 0
-    only = set(args.only or ["cpu", "throughput", "import", "cli", "rss", "accounts"])
+    only = set(
+        args.only or ["cpu", "throughput", "import", "cli", "rss", "accounts", "guarantees", "otel"]
+    )
     if args.skip_rss:
         only.discard("rss")
 
@@ -332,6 +338,10 @@ def main() -> int:
     rss = None
     if "rss" in only:
         rss = (args.rss_small, args.rss_large, _rss(args, report))
+    if "otel" in only:
+        import telemetry
+
+        report["otel"] = telemetry.run(rounds=args.rounds, calls=args.calls)
     account_rows: list[accounts.Row] = []
     if "accounts" in only:
         account_rows, report["accounts"] = accounts.run(rounds=min(args.rounds, 3))
@@ -342,6 +352,9 @@ def main() -> int:
     if account_rows:
         print()
         print(accounts.table(account_rows))
+    if "guarantees" in only:
+        print()
+        print("\n".join(guarantees.run(rounds=min(args.rounds, 3))))
     return 0
 
 

@@ -20,10 +20,12 @@ if TYPE_CHECKING:
         BatchResult,
         ExtendRequest,
         PollPolicy,
+        ResourcePack,
         Task,
         TaskStatus,
         Video,
     )
+    from kling_async._sync import SyncKlingClient
     from kling_async._types import CallbackSource, OnDownloadProgress, OnProgress, OnUpdate
     from kling_async.errors import (
         APIConnectionError,
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
         ContentPolicyError,
         InsufficientBalanceError,
         InvalidRequestError,
+        InvalidSignatureError,
         KlingError,
         NotFoundError,
         PermissionDeniedError,
@@ -88,6 +91,7 @@ __all__ = [
     "InMemoryAccount",
     "InsufficientBalanceError",
     "InvalidRequestError",
+    "InvalidSignatureError",
     "KlingClient",
     "KlingError",
     "NotFoundError",
@@ -97,8 +101,10 @@ __all__ = [
     "PermissionDeniedError",
     "PollPolicy",
     "RateLimitError",
+    "ResourcePack",
     "ResponseFormatError",
     "ServerError",
+    "SyncKlingClient",
     "Task",
     "TaskFailedError",
     "TaskStatus",
@@ -116,9 +122,18 @@ _LAZY: dict[str, str] = {
     "InMemoryAccount": "kling_async._account",
     "KlingClient": "kling_async._client",
     **dict.fromkeys(
-        ("BatchProgress", "BatchResult", "ExtendRequest", "PollPolicy", "Task", "TaskStatus"),
+        (
+            "BatchProgress",
+            "BatchResult",
+            "ExtendRequest",
+            "PollPolicy",
+            "ResourcePack",
+            "Task",
+            "TaskStatus",
+        ),
         "kling_async._models",
     ),
+    "SyncKlingClient": "kling_async._sync",
     "Video": "kling_async._models",
     **dict.fromkeys(
         ("CallbackSource", "OnDownloadProgress", "OnProgress", "OnUpdate"), "kling_async._types"

@@ -30,14 +30,13 @@ import asyncio
 import collections
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Final
 
 import attrs
 
-from kling_async import _protocol
+from kling_async import _protocol, _telemetry
 from kling_async._config import is_int_in
 from kling_async._deadlines import IO_TIMEOUT
 from kling_async._models import Task
@@ -53,8 +52,6 @@ Lookup = Callable[[str], Awaitable["Task | None"]]
 #: A slot whose task nobody reported for this long is looked up by the account itself
 #: (a task created with `extend` and never waited on must not hold its slot forever).
 CHECK_AFTER: Final = 15.0
-#: After a 1303 with nothing of ours running, wait at most this long before trying again.
-REFUSED_WAIT_CAP: Final = 30.0
 #: How many settled external ids an `InMemoryAccount` remembers (oldest forgotten first).
 SETTLED_MEMORY: Final = 10_000
 
@@ -274,6 +271,8 @@ class InMemoryAccount(Account):
         if self.max_running is None and len(self._held) >= self.limit:
             # Only while at the limit: room nobody asked for proves nothing.
             self._limit += 1.0 if self._slow_start else 1.0 / self._limit
+            if _telemetry.AVAILABLE:
+                _telemetry.account_limit(self.limit, type(self).__name__)
             self._wake()
 
     async def refused(self, slot: AccountSlot, retry_after: float | None = None) -> None:
@@ -281,6 +280,8 @@ class InMemoryAccount(Account):
             # Everyone else holding a slot is a running task the account accepted.
             self._limit = float(max(1, len(self._held) - 1))
             self._slow_start = False
+            if _telemetry.AVAILABLE:
+                _telemetry.account_limit(self.limit, type(self).__name__)
         slot.creating = False
         self._free(slot)  # our own slot freeing is not the news we wait for
         if self._freed is None:
@@ -288,7 +289,7 @@ class InMemoryAccount(Account):
         freed = self._freed
         # Wait for one of our tasks to finish; when none of ours runs, the tasks filling
         # the account are someone else's, and only time tells: a jittered backoff.
-        wait = retry_after or random.uniform(1.0, 5.0 if self._held else REFUSED_WAIT_CAP)
+        wait = _protocol.refused_wait(retry_after, ours_running=bool(self._held))
         await asyncio.wait((asyncio.shield(freed),), timeout=wait)
 
     async def release(self, slot: AccountSlot, *, maybe_created: bool = False) -> None:

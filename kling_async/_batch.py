@@ -33,8 +33,8 @@ from kling_async import _protocol
 from kling_async._account import Account, InMemoryAccount
 from kling_async._config import is_int_in
 from kling_async._hooks import call_back
-from kling_async._journal import FINISHED, PENDING, SUBMITTED, Journal, fingerprint, is_final_error
-from kling_async._models import BatchProgress, BatchResult, ExtendRequest, Task
+from kling_async._journal import FINISHED, PENDING, SUBMITTED, Journal, fingerprint
+from kling_async._models import WAIT_TIMEOUT, BatchProgress, BatchResult, ExtendRequest, Task
 from kling_async._tasks import Tasks
 from kling_async._types import CallbackSource, OnProgress
 from kling_async.errors import KlingError, ValidationError
@@ -42,8 +42,6 @@ from kling_async.errors import KlingError, ValidationError
 logger = logging.getLogger("kling_async")
 
 _DONE: Final = object()
-#: How long a batch item waits for its task (as `wait_for_task` does by default).
-ITEM_WAIT_TIMEOUT: Final = 900.0
 
 
 class Batch:
@@ -59,7 +57,7 @@ class Batch:
         journal: str | Path | None,
         on_progress: OnProgress | None,
         callbacks: CallbackSource | None,
-        on_update: Callable[[int, Task], None] | None = None,
+        on_update: Callable[[int, Task], object] | None = None,
     ) -> None:
         if not is_int_in(concurrency, 1):
             raise ValidationError("concurrency", "must be an integer of at least 1", concurrency)
@@ -88,7 +86,7 @@ class Batch:
         self._input_lock = asyncio.Lock()
         self._next_index = 0
         self._input_done = False
-        self._no_credit: KlingError | None = None
+        self._stopped: KlingError | None = None
         self.pulled = 0
         self.submitted = 0
         self.running = 0
@@ -201,134 +199,168 @@ class Batch:
         await self._results.put(_DONE)
 
     async def _item(self, index: int, request: Any) -> BatchResult:
+        """One item: resume it from the journal, submit it, wait for its task."""
         if not isinstance(request, ExtendRequest):
             error = ValidationError(f"requests[{index}]", "must be an ExtendRequest", request)
             return BatchResult(index=index, request=request, error=error)
-        journal = self._journal
-        row = None
-        print_ = fingerprint(request) if journal is not None else ""
-        external_id = original_id = request.external_task_id
-        if journal is not None:
-            row = await journal.load(index)
-            if row is not None and row.fingerprint != print_:
-                raise ValidationError(
-                    "journal",
-                    f"item {index} of the input differs from item {index} in {journal.path}; "
-                    "a journal belongs to one input: use a new journal file for a new input",
-                )
-            if row is not None:
-                external_id = row.external_task_id
-                done = self._from_journal(index, request, row.state, row.task, row.error)
-                if done is not None:
-                    return done
-            external_id = external_id or journal.external_id(index)
-        if external_id is not None and external_id != request.external_task_id:
-            request = attrs.evolve(request, external_task_id=external_id)
-        if self._callbacks is not None and request.callback_url is None:
-            request = attrs.evolve(request, callback_url=self._callbacks.url)
+        item = await _Item.resume(self._journal, index, request)
+        if self._callbacks is not None and item.request.callback_url is None:
+            item.request = attrs.evolve(item.request, callback_url=self._callbacks.url)
+        if item.done is not None:
+            return item.done
+        if item.task is None:
+            submitted = await self._submit(item)
+            if isinstance(submitted, BatchResult):
+                return submitted
+            item.task = submitted
+        if not self._wait:
+            return BatchResult(index=index, request=item.request, task=item.task)
+        return await self._wait_for(item, item.task)
 
-        async def record(
-            state: str, task: Task | None = None, error: KlingError | None = None
-        ) -> None:
-            if journal is not None:
-                assert request.external_task_id is not None
-                await journal.record(
-                    index,
-                    fingerprint=print_,
-                    external_task_id=request.external_task_id,
-                    state=state,
-                    task=task,
-                    error=error,
-                )
-
-        resumed_task = row.task if row is not None and row.state == SUBMITTED else None
-        if resumed_task is not None:
-            task = resumed_task
-        else:
-            if self._no_credit is not None:
-                await record(FINISHED, error=self._no_credit)
-                return BatchResult(index=index, request=request, error=self._no_credit)
-            if journal is not None and row is None:
-                await record(PENDING)  # durable before the POST (synchronous=FULL)
-            # A resumed journal may have lost rows (a copy without its -wal, an OS crash):
-            # any item it has not finished may have been sent, row or no row. An id the
-            # journal made for a fresh run cannot have been used; any other id may have
-            # (the caller's own: the default rule of `Tasks.create` looks it up).
-            look_up_first = (
-                row is not None or journal.resumed
-                if journal is not None and external_id != original_id
-                else None
+    async def _submit(self, item: _Item) -> Task | BatchResult:
+        """Create the item's task (its journal row durable first), or its failure."""
+        if self._stopped is not None:
+            await item.record(FINISHED, error=self._stopped)
+            return item.result(error=self._stopped)
+        await item.record_pending()
+        try:
+            task = await self._tasks.create(
+                item.request,
+                account=self._account,
+                look_up_first=item.look_up_first,
+                before_post=self._check_credit,
+                on_refused=self._refused,
             )
-            try:
-                task = await self._tasks.create(
-                    request,
-                    account=self._account,
-                    look_up_first=look_up_first,
-                    before_post=self._check_credit,
-                    on_refused=self._refused,
-                )
-            except KlingError as error:
-                if _protocol.is_no_credit(error) and self._no_credit is None:
-                    logger.warning("no credit left (%s); submitting no more items", error)
-                    self._no_credit = error
-                await record(FINISHED, error=error)
-                return BatchResult(index=index, request=request, error=error)
-            self.submitted += 1
-            if self._on_update is not None:
-                self._on_update(index, task)
-            await record(SUBMITTED, task)
-            if not self._wait:
-                if self._own_account:
-                    # Nobody will watch this task: the batch's private slots count only
-                    # the creates in flight. A shared account keeps it until it is seen
-                    # finished (by its own check if by no one else).
-                    await self._account.finished(task)
-                return BatchResult(index=index, request=request, task=task)
+        except KlingError as error:
+            stop = _protocol.decide(error).action is _protocol.Action.STOP_BATCH
+            if stop and self._stopped is None:
+                # No credit, or credentials refused: every further create would fail.
+                logger.warning("%s; submitting no more items", error)
+                self._stopped = error
+            await item.record(FINISHED, error=error)
+            return item.result(error=error)
+        self.submitted += 1
+        if self._on_update is not None:
+            await call_back(self._on_update, item.index, task)
+        await item.record(SUBMITTED, task)
+        if not self._wait and self._own_account:
+            # Nobody will watch this task: the batch's private slots count only the
+            # creates in flight. A shared account keeps it until it is seen finished
+            # (by its own check if by no one else).
+            await self._account.finished(task)
+        return task
+
+    async def _wait_for(self, item: _Item, task: Task) -> BatchResult:
         self.running += 1
         await self._report()
         try:
             final = await self._tasks.wait(
                 task.task_id,
                 task,
-                timeout=ITEM_WAIT_TIMEOUT,
-                on_update=None if self._on_update is None else self._item_update(index),
+                timeout=WAIT_TIMEOUT,
+                on_update=None if self._on_update is None else self._item_update(item.index),
                 callbacks=self._callbacks,
                 account=self._account,
             )
         except KlingError as error:  # TaskFailedError and WaitTimeoutError carry `.task`
             seen = getattr(error, "task", task)
-            await record(FINISHED, seen, error)
-            return BatchResult(index=index, request=request, task=seen, error=error)
+            await item.record(FINISHED, seen, error)
+            return item.result(task=seen, error=error)
         finally:
             self.running -= 1
-        await record(FINISHED, final)
-        return BatchResult(index=index, request=request, task=final)
+        await item.record(FINISHED, final)
+        return item.result(task=final)
 
-    def _item_update(self, index: int) -> Callable[[Task], None]:
+    def _item_update(self, index: int) -> Callable[[Task], Any]:
         assert self._on_update is not None
         on_update = self._on_update
-        return lambda task: on_update(index, task)
+
+        def update(task: Task) -> Any:
+            return on_update(index, task)
+
+        return update
 
     def _check_credit(self) -> None:
-        if self._no_credit is not None:
-            raise self._no_credit
+        if self._stopped is not None:
+            raise self._stopped
 
     def _refused(self) -> None:
         self.throttled += 1
 
-    def _from_journal(
-        self,
-        index: int,
-        request: ExtendRequest,
-        state: str,
-        task: Task | None,
-        error: KlingError | None,
-    ) -> BatchResult | None:
-        if state == FINISHED and (error is None or is_final_error(error)):
-            return BatchResult(index=index, request=request, task=task, error=error)
-        if state == SUBMITTED and not self._wait:
-            return BatchResult(index=index, request=request, task=task)
-        return None
+
+@attrs.define(eq=False)
+class _Item:
+    """One input item and what its journal knows of it (without a journal: nothing)."""
+
+    index: int
+    #: The request as it is sent: with the external id the journal fixed for it.
+    request: ExtendRequest
+    journal: Journal | None
+    fingerprint: str = ""
+    #: The journal has a row for it (an earlier run got this far).
+    known: bool = False
+    #: Its task, when an earlier run created it (submitted, not finished).
+    task: Task | None = None
+    #: The item's result, when the journal has it finished for good.
+    done: BatchResult | None = None
+    #: Look the task up by its external id before the first POST: see `Tasks.create`.
+    look_up_first: bool | None = None
+
+    @classmethod
+    async def resume(cls, journal: Journal | None, index: int, request: ExtendRequest) -> _Item:
+        """The item as the journal left it: a finished result, a task, or nothing yet."""
+        if journal is None:
+            return cls(index, request, None)
+        print_ = fingerprint(request)
+        row = await journal.load(index)
+        if row is not None and row.fingerprint != print_:
+            raise ValidationError(
+                "journal",
+                f"item {index} of the input differs from item {index} in {journal.path}; "
+                "a journal belongs to one input: use a new journal file for a new input",
+            )
+        own_id = request.external_task_id
+        external_id = row.external_task_id if row is not None else None
+        external_id = external_id or own_id or journal.external_id(index)
+        if external_id != own_id:
+            request = attrs.evolve(request, external_task_id=external_id)
+        item = cls(index, request, journal, print_, known=row is not None)
+        # A resumed journal may have lost rows (a copy without its -wal, an OS crash): any
+        # item it has not finished may have been sent, row or no row. An id the journal
+        # made for a fresh run cannot have been used; the caller's own may have been (the
+        # default rule of `Tasks.create` looks it up).
+        if external_id != own_id:
+            item.look_up_first = row is not None or journal.resumed
+        if row is not None:
+            if row.state == FINISHED and (row.error is None or _protocol.decide(row.error).final):
+                item.done = item.result(task=row.task, error=row.error)
+            elif row.state == SUBMITTED:
+                item.task = row.task
+        return item
+
+    def result(self, *, task: Task | None = None, error: KlingError | None = None) -> BatchResult:
+        return BatchResult(index=self.index, request=self.request, task=task, error=error)
+
+    async def record_pending(self) -> None:
+        """Durably note "about to POST" (synchronous=FULL) for an item with no row yet."""
+        if not self.known:
+            await self.record(PENDING)
+
+    async def record(
+        self, state: str, task: Task | None = None, error: KlingError | None = None
+    ) -> None:
+        if self.journal is None:
+            return
+        assert self.request.external_task_id is not None
+        await self.journal.record(
+            self.index,
+            fingerprint=self.fingerprint,
+            external_task_id=self.request.external_task_id,
+            state=state,
+            task=task,
+            error=error,
+        )
+        self.known = True
 
 
 async def extend_many(
@@ -340,7 +372,7 @@ async def extend_many(
     journal: str | Path | None = None,
     on_progress: OnProgress | None = None,
     callbacks: CallbackSource | None = None,
-    on_update: Callable[[int, Task], None] | None = None,
+    on_update: Callable[[int, Task], object] | None = None,
 ) -> AsyncGenerator[BatchResult, None]:
     """See `KlingClient.extend_many`; `on_update(index, task)` hears each item's task
     status as it changes (the command line's per-row display uses it)."""
@@ -354,5 +386,11 @@ async def extend_many(
         callbacks=callbacks,
         on_update=on_update,
     )
-    async for result in batch.run():
-        yield result
+    # Closed here, not left to the loop's finalizer: leaving the caller's `async for`
+    # cancels the items in flight before `aclose()` returns.
+    results = batch.run()
+    try:
+        async for result in results:
+            yield result
+    finally:
+        await results.aclose()

@@ -7,7 +7,7 @@ from typing import Any, Final
 
 import attrs
 
-from kling_async._models import ExtendRequest, Task, Video
+from kling_async._models import WAIT_TIMEOUT, ExtendRequest, Task, Video
 from kling_async._tasks import Tasks
 from kling_async.errors import TaskFailedError, ValidationError
 
@@ -15,8 +15,6 @@ from kling_async.errors import TaskFailedError, ValidationError
 MAX_VIDEO_SECONDS: Final = 180.0
 #: The most one extension adds (API.md: each adds 4-5 s); checks assume the worst case.
 MAX_STEP_SECONDS: Final = 5.0
-#: How long each step may take (as `extend_and_wait` allows by default).
-STEP_TIMEOUT: Final = 900.0
 _STEP_OPTIONS: Final = frozenset({"negative_prompt", "cfg_scale", "callback_url", "watermark"})
 
 
@@ -65,7 +63,7 @@ async def extend_chain(
             _check_room(duration, len(requests) - step, step)
         try:
             done = await tasks.extend_and_wait(
-                request, timeout=STEP_TIMEOUT, on_update=None, callbacks=None
+                request, timeout=WAIT_TIMEOUT, on_update=None, callbacks=None
             )
         except TaskFailedError as error:
             raise TaskFailedError(error.task, steps=tuple(steps)) from None

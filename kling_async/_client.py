@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Sequence,
+)
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
@@ -21,16 +28,26 @@ from kling_async._config import (
     resolve_base_url,
 )
 from kling_async._converter import parse_task_list
-from kling_async._models import BatchResult, ExtendRequest, PollPolicy, Task, Video
+from kling_async._models import (
+    BatchResult,
+    ExtendRequest,
+    PollPolicy,
+    ResourcePack,
+    Task,
+    Video,
+)
 from kling_async._tasks import Tasks
 from kling_async._transport import Transport
 from kling_async._types import CallbackSource, OnDownloadProgress, OnProgress, OnUpdate
 from kling_async.errors import ConfigurationError, ResponseFormatError, ValidationError
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from typing_extensions import Self
 
     from kling_async._account import Account
+    from kling_async._costs import Costs
 
 logger = logging.getLogger("kling_async")
 
@@ -115,6 +132,7 @@ class KlingClient:
             session=session,
         )
         self._tasks = Tasks(self._transport, self.poll, account)
+        self._costs: Costs | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._transport.closed else "open"
@@ -263,6 +281,26 @@ class KlingClient:
                 return
             previous = ids
 
+    async def resource_packs(
+        self, *, since: datetime | None = None, name: str | None = None
+    ) -> list[ResourcePack]:
+        """The account's resource packs (``GET /account/costs``, official API only).
+
+        Kling finds packs by when they were bought, so `since` (default: 400 days ago)
+        must reach back to the purchase of the oldest pack you want to see; `name` keeps
+        only the packs of that name. Kling answers one such query a second: calls from
+        one client are spaced a second apart. The remainder it reports may lag the
+        tasks it bills by up to 12 hours.
+
+        Raises:
+            NotFoundError: the base URL does not offer the endpoint (most gateways).
+        """
+        if self._costs is None:
+            from kling_async._costs import Costs
+
+            self._costs = Costs(self._transport)
+        return await self._costs.resource_packs(since=since, name=name)
+
     # -- wait --------------------------------------------------------------------------
 
     async def wait_for_task(
@@ -370,6 +408,7 @@ class KlingClient:
         journal: str | os.PathLike[str] | None = None,
         on_progress: OnProgress | None = None,
         callbacks: CallbackSource | None = None,
+        on_update: Callable[[int, Task], object] | None = None,
     ) -> AsyncGenerator[BatchResult, None]:
         """Run many extensions, yielding one `BatchResult` per input as each finishes.
 
@@ -390,6 +429,8 @@ class KlingClient:
             on_progress: called (sync or async) with a `BatchProgress` as items move.
             callbacks: a `CallbackReceiver`: its URL becomes each item's `callback_url`
                 and a callback ends a wait early.
+            on_update: called (synchronously) as ``on_update(index, task)`` on every
+                status change of an item's task.
         """
         from kling_async._batch import extend_many
 
@@ -401,6 +442,7 @@ class KlingClient:
             journal=os.fspath(journal) if journal is not None else None,
             on_progress=on_progress,
             callbacks=callbacks,
+            on_update=on_update,
         )
 
     async def download(

@@ -7,9 +7,11 @@ Registered on it, and nowhere else:
   Structuring a create body gives the `ExtendRequest` (validated; the simulator checks
   what it receives this way).
 - `Task` ⇄ the service's task: ``task_status`` → `status`, ``task_info.parent_video``,
-  millisecond timestamps → UTC datetimes, durations as strings → floats. Both callback
+  millisecond timestamps → UTC datetimes, durations as strings → floats,
+  ``final_unit_deduction`` (a string or a number) → `units_deducted`. Both callback
   formats structure to a `Task` too: the task object itself, and the newer
   ``id``/``status``/``outputs`` one.
+- `ResourcePack` from ``/account/costs``'s ``resource_pack_subscribe_infos`` items.
 
 Tasks are parsed on every answer, so the `Task` hook is written by hand rather than
 generated: it is the only task parser, it is strict where cattrs is lenient by default
@@ -26,13 +28,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 import attrs
 
-from kling_async._models import ExtendRequest, Task, TaskStatus, Video
+from kling_async._models import ExtendRequest, ResourcePack, Task, TaskStatus, Video
 from kling_async.errors import ResponseFormatError, ValidationError
 
 __all__ = [
     "REQUEST_FIELDS",
     "converter",
     "parse_callback",
+    "parse_resource_packs",
     "parse_task",
     "parse_task_list",
     "request_body",
@@ -222,7 +225,28 @@ def _video(value: Any, *where: Any) -> Video:
         seconds = -1.0
     if not 0 <= seconds < _INFINITY:  # anything but a plain string of seconds
         seconds = _seconds(duration, (*where, "duration"))
-    return Video(id=video_id, url=url, duration=seconds)
+    watermark_url = value.get("watermark_url")
+    if watermark_url is not None and type(watermark_url) is not str:
+        _text(watermark_url, (*where, "watermark_url"))
+    return Video(id=video_id, url=url, duration=seconds, watermark_url=watermark_url or None)
+
+
+def _units(value: Any, where: _Where) -> float | None:
+    # ``final_unit_deduction`` comes as a string ("5") or a number; "" means not yet.
+    if value is None or value == "":
+        return None
+    if type(value) is str:
+        try:
+            units = float(value)
+        except ValueError:
+            raise _Bad(where, f"expected a number of units, got {value!r}") from None
+    elif type(value) in (int, float):
+        units = float(value)
+    else:
+        raise _Bad(where, f"expected a number of units, got {_kind(value)}")
+    if not 0 <= units < _INFINITY:
+        raise _Bad(where, f"expected a non-negative number of units, got {value!r}")
+    return units
 
 
 def _task(
@@ -266,6 +290,7 @@ def _task(
         _text(wire_request_id, (root, "request_id"))
     created_at = get("created_at")
     updated_at = get("updated_at")
+    units = get("final_unit_deduction")
     return Task(
         task_id=task_id,
         status=TaskStatus.parse(status),
@@ -283,6 +308,7 @@ def _task(
         ),
         raw_status=status,
         request_id=request_id if request_id is not None else wire_request_id,
+        units_deducted=None if units is None else _units(units, (root, "final_unit_deduction")),
     )
 
 
@@ -295,6 +321,7 @@ def _from_new_callback(data: Mapping[str, Any], where: _Where) -> dict[str, Any]
     }
     renames = {"message": "task_status_msg", "create_time": "created_at"}
     renames["update_time"] = "updated_at"
+    renames["final_unit_deduction"] = "final_unit_deduction"
     task.update((new, data[old]) for old, new in renames.items() if data.get(old) is not None)
     if data.get("external_id") is not None:
         task["task_info"] = {"external_task_id": data["external_id"]}
@@ -304,7 +331,7 @@ def _from_new_callback(data: Mapping[str, Any], where: _Where) -> dict[str, Any]
             raise _Bad((*where, "outputs"), f"expected a list, got {_kind(outputs)}")
         task["task_result"] = {
             "videos": [
-                {key: output[key] for key in ("id", "url", "duration") if key in output}
+                {key: output[key] for key in _VIDEO_KEYS if key in output}
                 if type(output) is dict
                 else output  # not an object: the task parser names it
                 for output in outputs
@@ -314,8 +341,14 @@ def _from_new_callback(data: Mapping[str, Any], where: _Where) -> dict[str, Any]
     return task
 
 
+_VIDEO_KEYS: Final = ("id", "url", "watermark_url", "duration")
+
+
 def _unstructure_video(video: Video) -> dict[str, Any]:
-    return {"id": video.id, "url": video.url, "duration": str(video.duration)}
+    document = {"id": video.id, "url": video.url, "duration": str(video.duration)}
+    if video.watermark_url is not None:
+        document["watermark_url"] = video.watermark_url
+    return document
 
 
 def _millis_of(value: datetime | None) -> int | None:
@@ -337,6 +370,7 @@ def _unstructure_task(task: Task) -> dict[str, Any]:
         "created_at": _millis_of(task.created_at),
         "updated_at": _millis_of(task.updated_at),
         "request_id": task.request_id,
+        "final_unit_deduction": None if task.units_deducted is None else f"{task.units_deducted:g}",
     }
     return {key: value for key, value in document.items() if value is not None}
 
@@ -409,3 +443,63 @@ def parse_task_list(data: Any, *, request_id: str | None = None) -> list[Task]:
     return [
         parse_task(item, request_id=request_id, root=f"data[{i}]") for i, item in enumerate(data)
     ]
+
+
+# -- resource packs ---------------------------------------------------------------------
+
+
+def _quantity(value: Any, where: _Where) -> float:
+    if type(value) is str:
+        try:
+            return float(value)
+        except ValueError:
+            raise _Bad(where, f"expected a quantity, got {value!r}") from None
+    if type(value) in (int, float):
+        return float(value)
+    raise _Bad(where, f"expected a quantity, got {_kind(value)}")
+
+
+def _pack(item: Any, where: _Where) -> ResourcePack:
+    if type(item) is not dict:
+        raise _Bad(where, f"expected an object, got {_kind(item)}")
+
+    def text(key: str) -> str:
+        value = _text(item.get(key), (*where, key))
+        return "" if value is None else value
+
+    pack_id = item.get("resource_pack_id")
+    if type(pack_id) is int:  # an id written as a number is still an id
+        pack_id = str(pack_id)
+    return ResourcePack(
+        name=text("resource_pack_name"),
+        id=_text(pack_id, (*where, "resource_pack_id")) or "",
+        type=text("resource_pack_type"),
+        total=_quantity(item.get("total_quantity"), (*where, "total_quantity")),
+        remaining=_quantity(item.get("remaining_quantity"), (*where, "remaining_quantity")),
+        status=text("status"),
+        purchased_at=_millis(item.get("purchase_time"), (*where, "purchase_time")),
+        effective_at=_millis(item.get("effective_time"), (*where, "effective_time")),
+        expires_at=_millis(item.get("invalid_time"), (*where, "invalid_time")),
+    )
+
+
+def _packs(data: Any) -> list[ResourcePack]:
+    where = ("data", "resource_pack_subscribe_infos")
+    infos = _object(data, ("data",)).get(where[1])
+    if infos is None:
+        return []
+    if type(infos) is not list:
+        raise _Bad(where, f"expected a list, got {_kind(infos)}")
+    return [_pack(item, (*where, i)) for i, item in enumerate(infos)]
+
+
+def parse_resource_packs(data: Any) -> list[ResourcePack]:
+    """The packs of an ``/account/costs`` answer's ``data``.
+
+    Raises:
+        ResponseFormatError: a field of the wrong shape, naming its path.
+    """
+    try:
+        return _packs(data)
+    except _Bad as bad:
+        raise ResponseFormatError(f"unexpected answer ({bad.reason})", path=bad.path) from None

@@ -56,8 +56,6 @@ from kling_async._models import ExtendRequest, Task
 from kling_async.errors import (
     APIConnectionError,
     APIStatusError,
-    ContentPolicyError,
-    InvalidRequestError,
     KlingError,
     ResponseFormatError,
     TaskFailedError,
@@ -87,9 +85,6 @@ _SCHEMA: Final = (
         updated_at REAL NOT NULL
     )""",
 )
-
-#: Errors that stay final when a batch is run again; any other error gets another try.
-_FINAL_ERRORS: Final = (TaskFailedError, InvalidRequestError, ContentPolicyError, ValidationError)
 
 
 def fingerprint(request: ExtendRequest) -> str:
@@ -168,11 +163,6 @@ def decode_error(text: str) -> KlingError:
     if issubclass(cls, ResponseFormatError):
         return cls(message, path=document.get("path"), status=document.get("status"))
     return cls(message)
-
-
-def is_final_error(error: KlingError) -> bool:
-    """Whether a rerun keeps this error (a rejected request, a failed task)."""
-    return isinstance(error, _FINAL_ERRORS)
 
 
 @attrs.frozen

@@ -10,8 +10,8 @@ import enum
 import math
 import re
 import urllib.parse
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, Final
 
 import attrs
 
@@ -22,6 +22,7 @@ __all__ = [
     "BatchResult",
     "ExtendRequest",
     "PollPolicy",
+    "ResourcePack",
     "Task",
     "TaskStatus",
     "Video",
@@ -29,6 +30,8 @@ __all__ = [
 
 #: The longest prompt (and negative prompt) the service accepts, in characters.
 MAX_PROMPT_LENGTH = 2500
+#: How long Kling keeps a task's results before deleting them.
+RESULT_LIFETIME = timedelta(days=30)
 #: The longest external task id we send.
 MAX_EXTERNAL_ID_LENGTH = 256
 
@@ -170,6 +173,8 @@ class Video:
     id: str
     url: str
     duration: float
+    #: The watermarked copy, when the service made one (``watermark_info`` enabled).
+    watermark_url: str | None = None
 
 
 @attrs.frozen
@@ -187,6 +192,14 @@ class Task:
     #: The status string exactly as the service sent it (useful when `status` is UNKNOWN).
     raw_status: str = ""
     request_id: str | None = None
+    #: Units billed for the task (``final_unit_deduction``), once the service says.
+    units_deducted: float | None = None
+
+    @property
+    def expires_at(self) -> datetime | None:
+        """When Kling deletes the task's results (`created_at` + 30 days); None without
+        `created_at`."""
+        return None if self.created_at is None else self.created_at + RESULT_LIFETIME
 
     @property
     def is_terminal(self) -> bool:
@@ -202,6 +215,35 @@ class Task:
     def failed(self) -> bool:
         """True if the task finished without a result."""
         return self.status is TaskStatus.FAILED
+
+
+#: Statuses of a resource pack, as the service writes them.
+PACK_STATUSES = ("toBeOnline", "online", "expired", "runout")
+
+
+@attrs.frozen
+class ResourcePack:
+    """One of the account's resource packs (``GET /account/costs``, official API).
+
+    The service may report `remaining` up to 12 hours late.
+    """
+
+    name: str
+    id: str
+    #: The kind of pack as the service names it (e.g. ``decreasing_total``).
+    type: str
+    total: float
+    remaining: float
+    #: ``toBeOnline``, ``online``, ``expired`` or ``runout`` (any other string kept as is).
+    status: str
+    purchased_at: datetime | None = None
+    effective_at: datetime | None = None
+    expires_at: datetime | None = None
+
+    @property
+    def usable(self) -> bool:
+        """True when the pack is online and not run out."""
+        return self.status == "online" and self.remaining > 0
 
 
 def _check_positive(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -221,6 +263,11 @@ def _check_factor(instance: object, attribute: attrs.Attribute[Any], value: obje
 def _check_jitter(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise ValidationError(attribute.name, "must be a number from 0 up to (not) 1", value)
+
+
+#: How long a wait for a task lasts by default: `wait_for_task`, `extend_and_wait` (their
+#: signatures spell it out, and a test holds them to this), a batch item, a chain step.
+WAIT_TIMEOUT: Final = 900.0
 
 
 @attrs.frozen

@@ -8,8 +8,10 @@ of the service's codes; the errors page of the documentation is generated from i
 
 from __future__ import annotations
 
+import enum
 import functools
 import math
+import random
 import urllib.parse
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -30,9 +32,15 @@ from kling_async.errors import (
     RateLimitError,
     ResponseFormatError,
     ServerError,
+    TaskFailedError,
+    ValidationError,
 )
 
 EXTEND_PATH: Final = "/v1/videos/video-extend"
+#: The official API's account costs (resource packs); gateways usually lack it.
+COSTS_PATH: Final = "/account/costs"
+#: Kling answers at most one costs query a second per account.
+COSTS_MIN_INTERVAL: Final = 1.0
 #: The longest wait a ``Retry-After`` header can impose on us.
 RETRY_AFTER_CAP: Final = 60.0
 #: The shortest wait between two POSTs of one create after a 429 (1302, 1303): Kling
@@ -142,8 +150,8 @@ _STATUS_TO_ERROR: Final[Mapping[int, type[APIStatusError]]] = {
     422: InvalidRequestError,
     429: RateLimitError,
 }
-#: HTTP statuses retried when the answer carries no service code.
-RETRYABLE_STATUSES: Final = frozenset({408, 429})
+#: After a 1303 with nothing of ours running, wait at most this long before trying again.
+REFUSED_WAIT_CAP: Final = 30.0
 
 
 @functools.lru_cache(maxsize=4096)  # a wait polls the same task again and again
@@ -163,6 +171,31 @@ def task_path(task_or_external_id: str) -> str:
 def list_path(page: int, page_size: int) -> str:
     """The path and query of one page of the task list."""
     return f"{EXTEND_PATH}?pageNum={page}&pageSize={page_size}"
+
+
+def costs_path(start_ms: int, end_ms: int, name: str | None = None) -> str:
+    """The path and query of the resource packs bought between two Unix-ms times."""
+    query = {"start_time": str(start_ms), "end_time": str(end_ms)}
+    if name is not None:
+        query["resource_pack_name"] = name
+    return f"{COSTS_PATH}?{urllib.parse.urlencode(query)}"
+
+
+def costs_not_offered(error: BaseException, base_url: str) -> NotFoundError | None:
+    """The error to raise when a costs query found no such endpoint, else None.
+
+    Any 404 to ``/account/costs`` (1202, a proxy's page, a gateway's own "not found")
+    means the base URL does not serve it: resource packs are an official-API call.
+    """
+    if not isinstance(error, NotFoundError):
+        return None
+    return NotFoundError(
+        f"{base_url} does not offer {COSTS_PATH} (resource packs are a call of Kling's "
+        "official API; most gateways do not forward it)",
+        status=error.status,
+        code=error.code,
+        request_id=error.request_id,
+    )
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
@@ -267,22 +300,95 @@ def _status_text(status: int) -> str:
     return f"HTTP status {status}"
 
 
-def is_retryable(error: BaseException) -> bool:
-    """Whether a failed attempt may be tried again (API.md, Retries)."""
+class Action(enum.Enum):
+    """What to do after an error: the answer of `decide`."""
+
+    #: Try again, after `Decision.wait` at least (None: the caller's own backoff).
+    RETRY = "retry"
+    #: The account runs as many tasks as its plan allows (1303): with an account, wait for
+    #: one of its slots to come free; without one, a retry like any other.
+    WAIT_FOR_SLOT = "wait for a slot"
+    #: Nothing more can be created (no credit, credentials refused): a batch submits no
+    #: more items, and this one fails.
+    STOP_BATCH = "stop the batch"
+    #: This call fails; asking again will not help.
+    GIVE_UP = "give up"
+
+
+class Decision(NamedTuple):
+    """`decide`'s answer for one error."""
+
+    action: Action
+    #: The shortest wait before trying again, in seconds, when the service set one (its
+    #: ``Retry-After``, and at least `MIN_WAIT_AFTER_429` after a 429); None: ours.
+    wait: float | None = None
+    #: Whether a batch run again keeps this outcome (a request the service refused as
+    #: such, a task that failed) instead of trying the item again.
+    final: bool = False
+
+
+_GIVE_UP: Final = Decision(Action.GIVE_UP)
+_RETRY: Final = Decision(Action.RETRY)
+
+
+def decide(error: BaseException) -> Decision:
+    """What to do after `error`: the one answer to "try again?" (API.md, Retries).
+
+    Retried: connection failures and timeouts, 408, 5xx, 429 with 1302, 1303 or no code
+    (another 429 code is not one API.md retries), and answers that are not the envelope.
+    Stopping a batch: 1100-1102 (no credit) and refused credentials. Given up: everything
+    else. Kept by a batch run again: a request refused as such (400: bad parameters,
+    content policy), a validation error and a failed task.
+    """
     if isinstance(error, APIConnectionError):
-        return True
+        return _RETRY
     if isinstance(error, ResponseFormatError):
         # Not the envelope at all (cut-off JSON, HTML): a transient proxy fault. A field of
         # the wrong shape inside a good envelope will not get better by asking again.
-        return error.path is None
+        return _RETRY if error.path is None else _GIVE_UP
     if isinstance(error, APIStatusError):
-        rule = _RULES.get(error.code) if error.code is not None else None
-        if rule is not None:
-            return rule.retryable
-        if error.code is not None:  # a code we do not know: only its status class speaks
-            return error.status == 408 or error.status >= 500
-        return error.status in RETRYABLE_STATUSES or error.status >= 500
-    return False
+        return _decide_status(error)
+    if isinstance(error, (TaskFailedError, ValidationError)):
+        return Decision(Action.GIVE_UP, final=True)
+    return _GIVE_UP
+
+
+def _decide_status(error: APIStatusError) -> Decision:
+    rule = _RULES.get(error.code) if error.code is not None else None
+    if error.code in NO_CREDIT_CODES or (
+        isinstance(error, AuthenticationError) and error.code != TOKEN_EXPIRED_CODE
+    ):
+        return Decision(Action.STOP_BATCH)
+    if error.status == 429 and (rule.retryable if rule is not None else error.code is None):
+        # Kling asks for at least a second between tries, whatever Retry-After says.
+        wait = max(MIN_WAIT_AFTER_429, error.retry_after or 0.0)
+        if error.code == CONCURRENCY_LIMIT_CODE:
+            return Decision(Action.WAIT_FOR_SLOT, wait)
+        return Decision(Action.RETRY, wait)
+    # A code we do not know, or none: the HTTP status class speaks.
+    retryable = (
+        rule.retryable if rule is not None else error.status in (408,) or error.status >= 500
+    )
+    if retryable:
+        return Decision(Action.RETRY, error.retry_after)
+    return Decision(
+        Action.GIVE_UP, final=isinstance(error, (InvalidRequestError, ContentPolicyError))
+    )
+
+
+def is_retryable(error: BaseException) -> bool:
+    """Whether a failed attempt may be tried again (whatever the account): `decide`."""
+    return decide(error).action in (Action.RETRY, Action.WAIT_FOR_SLOT)
+
+
+def refused_wait(retry_after: float | None, *, ours_running: bool) -> float:
+    """How long a create refused with 1303 waits at most for a slot to free (both
+    accounts): the service's wait when it gave one (at least a second); otherwise a
+    jittered backoff, short while tasks of ours run (one ending frees a slot sooner),
+    long when the tasks filling the account are someone else's."""
+    if retry_after is not None:
+        return max(MIN_WAIT_AFTER_429, retry_after)
+    return random.uniform(1.0, 5.0 if ours_running else REFUSED_WAIT_CAP)
 
 
 def may_have_been_processed(error: BaseException) -> bool:
@@ -327,11 +433,6 @@ def is_duplicate_refusal(error: BaseException) -> bool:
 def is_concurrency_limit(error: BaseException) -> bool:
     """A 1303: the account has as many running tasks as its plan allows."""
     return isinstance(error, RateLimitError) and error.code == CONCURRENCY_LIMIT_CODE
-
-
-def is_no_credit(error: BaseException) -> bool:
-    """A 1100-1102: the account cannot pay for another task."""
-    return isinstance(error, InsufficientBalanceError) and error.code in NO_CREDIT_CODES
 
 
 def is_token_expired(error: KlingError) -> bool:

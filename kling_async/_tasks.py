@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import backoff
 
-from kling_async import _protocol
+from kling_async import _protocol, _telemetry
 from kling_async._converter import parse_task, request_body
 from kling_async._deadlines import IO_TIMEOUT, within
 from kling_async._hooks import call_back
@@ -37,7 +37,6 @@ from kling_async._types import CallbackSource, OnUpdate
 from kling_async.errors import (
     APITimeoutError,
     KlingError,
-    RateLimitError,
     ResponseFormatError,
     TaskFailedError,
     WaitTimeoutError,
@@ -57,11 +56,6 @@ logger = logging.getLogger("kling_async")
 
 #: With callbacks, waits poll this many times less often (a backstop only).
 CALLBACK_BACKSTOP_FACTOR: Final = 3.0
-
-
-def _retry_unless_full(error: BaseException) -> bool:
-    # With an account, a 1303 is the account's to handle (wait for a slot), not a retry.
-    return _protocol.is_retryable(error) and not _protocol.is_concurrency_limit(error)
 
 
 #: What one create knows of its external id: nothing was sent that the service may have
@@ -96,7 +90,7 @@ def _suspect(key: tuple[str, str], trust_at: float) -> None:
 class _Create:
     """One create's state machine (fresh, maybe created, created) and its tries."""
 
-    __slots__ = ("before_post", "body", "external_id", "limited_at", "send", "state", "trust_at")
+    __slots__ = ("before_post", "body", "external_id", "not_before", "send", "state", "trust_at")
 
     def __init__(
         self,
@@ -112,12 +106,15 @@ class _Create:
         self.state = _FRESH
         #: `time.monotonic()` from which a "no such task" answer proves absence.
         self.trust_at = 0.0
-        #: When a POST of this create was last answered 429 (1302, 1303).
-        self.limited_at: float | None = None
+        #: `time.monotonic()` before which no POST goes out (the service asked to wait).
+        self.not_before: float | None = None
 
     @property
     def maybe_created(self) -> bool:
-        return self.state != _FRESH
+        """Whether a request may have created the task without our knowing it: one of
+        ours failed ambiguously, the service accepted one, or an earlier create of the
+        id left that news (a look-up of an id nothing is known against is not news)."""
+        return self.state == _CREATED or (self.state == _MAYBE and self.trust_at > 0)
 
     def suspect(self, trust_at: float = 0.0) -> None:
         """The id may have been used: look it up before any POST; trust "absent" from
@@ -151,8 +148,10 @@ class _Create:
                 wait,
             )
             await asyncio.sleep(wait)
-        if self.limited_at is not None:
-            await asyncio.sleep(self.limited_at + _protocol.MIN_WAIT_AFTER_429 - time.monotonic())
+        if self.not_before is not None:
+            # The service's wait (`_protocol.decide`) holds between POSTs of one create
+            # even when the account, not the retry runner, decided to try again.
+            await asyncio.sleep(self.not_before - time.monotonic())
         if self.before_post is not None:
             self.before_post()
         try:
@@ -166,8 +165,12 @@ class _Create:
                 task = await self._look_up()
                 if task is not None:
                     return task
-            elif isinstance(error, RateLimitError):
-                self.limited_at = time.monotonic()
+            else:
+                decision = _protocol.decide(error)
+                if decision.wait is not None:
+                    self.not_before = time.monotonic() + decision.wait
+                if _telemetry.AVAILABLE and decision.action is _protocol.Action.WAIT_FOR_SLOT:
+                    _telemetry.create_refused()
             raise
         except asyncio.CancelledError:
             self._ambiguous()  # the request may be on its way
@@ -220,8 +223,11 @@ class Tasks:
             self.transport.send, "GET", _protocol.task_path(key)
         )
         task = parse_task(data, request_id=request_id)
-        if self.account is not None and task.is_terminal:
-            await self.account.finished(task)
+        if task.is_terminal:
+            if _telemetry.AVAILABLE:
+                _telemetry.task_finished(task)
+            if self.account is not None:
+                await self.account.finished(task)
         return task
 
     async def lookup(self, external_task_id: str) -> Task | None:
@@ -236,6 +242,33 @@ class Tasks:
     # -- create -------------------------------------------------------------------------
 
     async def create(
+        self,
+        request: ExtendRequest,
+        *,
+        account: Account | None = None,
+        look_up_first: bool | None = None,
+        slot_timeout: float | None = None,
+        before_post: Callable[[], None] | None = None,
+        on_refused: Callable[[], None] | None = None,
+    ) -> Task:
+        """`create_once`, reported as a ``kling extend`` span when telemetry records."""
+        options: dict[str, Any] = {
+            "account": account,
+            "look_up_first": look_up_first,
+            "slot_timeout": slot_timeout,
+            "before_post": before_post,
+            "on_refused": on_refused,
+        }
+        report = _telemetry.operation("kling extend", {}) if _telemetry.AVAILABLE else None
+        if report is None:
+            return await self.create_once(request, **options)
+        with report:
+            task = await self.create_once(request, **options)
+            report.task(task)
+        _telemetry.task_created(task)
+        return task
+
+    async def create_once(
         self,
         request: ExtendRequest,
         *,
@@ -266,6 +299,8 @@ class Tasks:
         given = request.external_task_id is not None
         external_id: str = request.external_task_id or uuid.uuid4().hex
         body["external_task_id"] = external_id
+        if _telemetry.AVAILABLE:
+            _telemetry.set_current("kling.external_task_id", external_id)
         key = (self.transport.base_url, external_id)
         create = _Create(self.transport.send, body, external_id, before_post)
         if look_up_first if look_up_first is not None else given:
@@ -364,10 +399,11 @@ class Tasks:
                         create.attempt,
                         "POST",
                         _protocol.EXTEND_PATH,
-                        retry_if=_retry_unless_full,
+                        slots=True,
                     )
                 except KlingError as error:
-                    if not _protocol.is_concurrency_limit(error):
+                    decision = _protocol.decide(error)
+                    if decision.action is not _protocol.Action.WAIT_FOR_SLOT:
                         raise
                     assert slot is not None
                     if on_refused is not None:
@@ -461,17 +497,45 @@ class Tasks:
         """Poll (and listen to callbacks) until the task ends; see `wait_for_task`.
 
         The task's slot in `account` (default: the client's) is freed when it ends.
+        Reported as a ``kling wait`` span when telemetry records.
         """
+        report = (
+            _telemetry.operation("kling wait", {"kling.task_id": task_id})
+            if _telemetry.AVAILABLE
+            else None
+        )
+        if report is None:
+            return await self._wait(task_id, last, timeout, on_update, callbacks, account)
+        with report:
+            task = await self._wait(task_id, last, timeout, on_update, callbacks, account)
+            report.task(task)
+        return task
+
+    async def _wait(
+        self,
+        task_id: str,
+        last: Task | None,
+        timeout: float,
+        on_update: OnUpdate | None,
+        callbacks: CallbackSource | None,
+        account: Account | None,
+    ) -> Task:
         account = account or self.account
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         intervals = self.intervals()
         seen = last.raw_status if last is not None else None
-        delay = next(intervals) if last is not None else 0.0
+        # A snapshot passed in says how far the task had got, not what it ended with: a
+        # create's answer that already says "succeed" carries no videos. Only a task
+        # seen here (polled, or from a callback) is returned.
+        delay = next(intervals) if last is not None and not last.is_terminal else 0.0
+        fresh = False
         subscription = callbacks.subscribe(task_id) if callbacks is not None else None
         try:
             while True:
-                if last is not None and last.is_terminal:
+                if fresh and last is not None and last.is_terminal:
+                    if _telemetry.AVAILABLE:
+                        _telemetry.task_finished(last)
                     if account is not None:
                         await account.finished(last)
                     if last.failed:
@@ -495,7 +559,7 @@ class Tasks:
                     if update.raw_status != seen:
                         seen = update.raw_status
                         await call_back(on_update, update)
-                    last = update
+                    last, fresh = update, True
                 delay = next(intervals)
         finally:
             if subscription is not None:

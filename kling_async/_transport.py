@@ -26,10 +26,11 @@ import backoff
 import orjson
 from yarl import URL
 
-from kling_async import _protocol
+from kling_async import _protocol, _telemetry
 from kling_async._auth import Auth
 from kling_async.errors import (
     APIConnectionError,
+    APIStatusError,
     APITimeoutError,
     KlingError,
     ResponseFormatError,
@@ -41,6 +42,11 @@ logger = logging.getLogger("kling_async")
 
 #: Which try of a call is running (1 = the first), for log lines.
 _ATTEMPT: contextvars.ContextVar[int] = contextvars.ContextVar("kling_attempt", default=1)
+
+#: While `send` runs inside its telemetry report: where it puts the HTTP status it got.
+_REPORTED: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "kling_reported", default=None
+)
 
 #: First retry waits up to this long (full jitter), doubling per attempt ...
 RETRY_BASE: Final = 0.5
@@ -56,6 +62,10 @@ MAX_ANSWER_BYTES: Final = 4 * 1024 * 1024
 _READ_SIZE: Final = 64 * 1024
 
 
+_RETRIED: Final = frozenset({_protocol.Action.RETRY, _protocol.Action.WAIT_FOR_SLOT})
+_RETRIED_WITH_SLOTS: Final = frozenset({_protocol.Action.RETRY})
+
+
 class ExactWait(float):
     """A wait the service asked for (``Retry-After``): used as given, never jittered."""
 
@@ -63,13 +73,14 @@ class ExactWait(float):
 def retry_waits(
     base: float = RETRY_BASE, cap: float = RETRY_CAP
 ) -> Generator[float | None, BaseException | None, None]:
-    """backoff wait generator: exponential, but a `Retry-After` on the error wins."""
+    """backoff wait generator: exponential, but the service's wait (`_protocol.decide`:
+    its ``Retry-After``, at least a second after a 429) wins."""
     error = yield None  # backoff primes the generator with send(None)
     n = 0
     while True:
-        retry_after = getattr(error, "retry_after", None)
-        if retry_after is not None:
-            error = yield ExactWait(retry_after)
+        wait = _protocol.decide(error).wait if error is not None else None
+        if wait is not None:
+            error = yield ExactWait(wait)
         else:
             error = yield min(cap, base * 2**n)
             n += 1
@@ -137,7 +148,7 @@ class Transport:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._headers: dict[str, str] = {}
-        self._runners: dict[Callable[[BaseException], bool], Callable[..., Awaitable[Any]]] = {}
+        self._runners: dict[bool, Callable[..., Awaitable[Any]]] = {}
         #: Seconds one API request may take in all, and the longest silence of a download.
         self.seconds = timeout
         # The total bounds an API call (its reads included). Only a new socket's connect
@@ -247,6 +258,12 @@ class Transport:
             headers = {**headers, "Content-Type": "application/json"}
         debug = logger.isEnabledFor(logging.DEBUG)
         started = time.perf_counter() if debug else 0.0
+        if _telemetry.AVAILABLE and _telemetry.enabled() and _REPORTED.get() is None:
+            report = _telemetry.http_span(
+                method, self._base + path, _ATTEMPT.get() - 1, time.perf_counter()
+            )
+            if report is not None:
+                return await self._send_reported(report, method, path, body, resigned)
         async with self._semaphore:
             try:
                 async with session.request(
@@ -260,6 +277,10 @@ class Transport:
                     payload = await _read_capped(response, method, path)
                     status = response.status
                     response_headers = response.headers
+                if _telemetry.AVAILABLE:
+                    reported = _REPORTED.get()
+                    if reported is not None:
+                        reported.append(status)
             except (asyncio.TimeoutError, aiohttp.ClientError) as error:
                 failure = connection_error(error, method, path)
                 if debug:
@@ -281,6 +302,31 @@ class Transport:
             _log(method, path, status, 0, decoded[1], started)
         return decoded
 
+    async def _send_reported(
+        self,
+        report: _telemetry.HttpSpan,
+        method: str,
+        path: str,
+        body: Any,
+        resigned: bool,
+    ) -> tuple[Any, str | None]:
+        """`send`, with its outcome handed to telemetry (status, or the error's class)."""
+        statuses: list[int] = []
+        error_type: str | None = None
+        token = _REPORTED.set(statuses)
+        try:
+            return await self.send(method, path, body, resigned=resigned)
+        except APIStatusError as error:
+            error_type = str(error.status) if error.status >= 400 else type(error).__name__
+            raise
+        except BaseException as error:
+            # Our exception's class (a 2xx that is not the envelope, a timeout ...).
+            error_type = type(error).__name__
+            raise
+        finally:
+            _REPORTED.reset(token)
+            report.end(statuses[-1] if statuses else None, error_type, time.perf_counter())
+
     # -- retries -----------------------------------------------------------------------
 
     async def retrying(
@@ -289,10 +335,12 @@ class Transport:
         method: str,
         path: str,
         *args: Any,
-        retry_if: Callable[[BaseException], bool] = _protocol.is_retryable,
+        slots: bool = False,
     ) -> T:
-        """``await attempt(method, path, *args)`` until it succeeds, `retry_if` says no,
-        or `max_retries` retries have been made (backoff waits between tries).
+        """``await attempt(method, path, *args)`` until it succeeds, `_protocol.decide`
+        says not to retry, or `max_retries` retries have been made (backoff waits
+        between tries). With `slots` (a create with an account), a full account (1303)
+        is not retried here: the caller waits for a slot.
 
         The first try runs outside backoff: most calls succeed, and backoff's bookkeeping
         would cost more than a create's own parsing. A failure is replayed as backoff's
@@ -302,9 +350,9 @@ class Transport:
             return await attempt(method, path, *args)
         except KlingError as error:
             first: KlingError | None = error
-        runner = self._runners.get(retry_if)
+        runner = self._runners.get(slots)
         if runner is None:
-            runner = self._runners[retry_if] = self._make_runner(retry_if)
+            runner = self._runners[slots] = self._make_runner(slots)
         tries = 1
 
         async def replay(method: str, path: str, *args: Any) -> T:
@@ -322,17 +370,17 @@ class Transport:
         result: T = await runner(replay, method, path, *args)
         return result
 
-    def _make_runner(
-        self, retry_if: Callable[[BaseException], bool]
-    ) -> Callable[..., Awaitable[Any]]:
+    def _make_runner(self, slots: bool) -> Callable[..., Awaitable[Any]]:
         # Decorating is not free (backoff inspects its handlers each time), so each
-        # retry rule gets one decorated runner per transport, built on first use.
+        # kind of call gets one decorated runner per transport, built on first use.
+        retried = _RETRIED_WITH_SLOTS if slots else _RETRIED
+
         @backoff.on_exception(
             cast("Callable[..., Generator[float, None, None]]", retry_waits),
             KlingError,
             max_tries=self.max_retries + 1,
             jitter=jitter,
-            giveup=lambda error: not retry_if(error),
+            giveup=lambda error: _protocol.decide(error).action not in retried,
             on_backoff=_log_backoff,
             logger=None,
         )

@@ -18,19 +18,12 @@ from standardwebhooks.webhooks import Webhook
 from kling_async._config import is_text
 from kling_async._converter import parse_callback as _task_from_document
 from kling_async._models import Task
-from kling_async.errors import ConfigurationError, KlingError, ResponseFormatError
+from kling_async.errors import ConfigurationError, InvalidSignatureError, ResponseFormatError
 
 __all__ = ["CallbackVerifier", "InvalidSignatureError", "parse_callback"]
 
 #: The Standard Webhooks headers, as the standardwebhooks package reads them.
 SIGNATURE_HEADERS: Final = ("webhook-id", "webhook-timestamp", "webhook-signature")
-
-
-class InvalidSignatureError(KlingError):
-    """A callback's signature headers are missing, stale, garbled or do not match (→ 401).
-
-    The message never shows the secret, the signatures or the body.
-    """
 
 
 class CallbackVerifier:

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 from aiohttp import web
 
+from kling_async import _telemetry
 from kling_async._config import is_int_in, is_text
 from kling_async._deadlines import within
 from kling_async._hooks import call_back
@@ -91,6 +92,8 @@ class TaskSubscription:
         self._receiver = receiver
         self._queue: asyncio.Queue[Task] = asyncio.Queue(SUBSCRIPTION_QUEUE_SIZE)
         self._closed = False
+        #: The span of the wait that subscribed (telemetry), for the callback's link.
+        self._waiting_span = _telemetry.current_context() if _telemetry.AVAILABLE else None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self._queue.qsize()} pending"
@@ -346,6 +349,14 @@ class CallbackReceiver:
         self._remember_task(task)
         for subscription in tuple(self._subscriptions.get(task.task_id, ())):
             subscription._put(task)
+            if subscription._waiting_span is not None:
+                # In the handler's context (the app's server span, if it has one),
+                # linked to the wait this callback reports to.
+                _telemetry.linked_span(
+                    "kling callback",
+                    subscription._waiting_span,
+                    {"kling.task_id": task.task_id, "kling.task.status": task.status.value},
+                )
 
     def _remember_id(self, message_id: str) -> None:
         self._seen_ids[message_id] = None

@@ -17,7 +17,8 @@ KlingError
 │   ├── RateLimitError          429, codes 1302, 1303
 │   └── ServerError             5xx, codes 5000-5002
 ├── TaskFailedError             a task ended "failed" (.task)
-└── WaitTimeoutError            a wait ran out of time (.task, the last state seen)
+├── WaitTimeoutError            a wait ran out of time (.task, the last state seen)
+└── InvalidSignatureError       a callback's signature is missing or wrong (answered 401)
 ```
 
 No exception carries a credential: messages are built from the service's answer and the
@@ -213,7 +214,8 @@ class ContentPolicyError(APIStatusError):
 
 
 class RateLimitError(APIStatusError):
-    """429: too many requests (1302) or too many running tasks (1303). Retried."""
+    """429: too many requests (1302) or too many running tasks (1303), both retried (at
+    least a second apart), as is a 429 without a code; another 429 code is not."""
 
 
 class ServerError(APIStatusError):
@@ -246,3 +248,10 @@ class WaitTimeoutError(KlingError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.task, self.timeout))
+
+
+class InvalidSignatureError(KlingError):
+    """A callback's signature headers are missing, stale, garbled or do not match (→ 401).
+
+    The message never shows the secret, the signatures or the body.
+    """

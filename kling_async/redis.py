@@ -39,11 +39,13 @@ logs a WARNING when it sees a claim of its own lost):
   its holder failed to renew it for one lease of time during which Redis answered; a
   pause of any length lapses nothing, and waiting creates resume within one lease of
   Redis answering again.
-- **Redis that comes back empty** (a restart without persistence, a flush) hands out
+- **Redis that comes back empty** (a restart without persistence) hands out
   no slot and grants no claim for one lease of that clock: the *quarantine*, during
   which live holders notice the new epoch at their next renewal and put their slots,
-  claims and queue places back. Redis cannot tell this from the first use of ``name``,
-  so the first create on a fresh Redis also waits one lease. Records of ended creates
+  claims and queue places back. It is told from the first use of ``name`` by Redis's
+  uptime: with no epoch on a Redis up for longer than a lease, nobody renewed anything
+  under the name for a lease, so there is nothing to put back and no wait (a ``FLUSHALL``
+  or an eviction on a long-running Redis is taken for a first use). Records of ended creates
   (tasks, ``maybe`` records) lost with the data are lost.
 - **The limit is stored with the account.** Every process registers its
   ``max_running`` (renewed while the account is open); the limit is the smallest given
@@ -80,7 +82,6 @@ import collections
 import contextlib
 import logging
 import math
-import random
 import time
 import uuid
 from collections.abc import Coroutine
@@ -97,10 +98,10 @@ except ImportError as error:  # pragma: no cover - depends on the installed extr
         "kling_async.redis needs redis-py: pip install 'kling-async[redis]'"
     ) from error
 
+from kling_async import _protocol
 from kling_async._account import (
     CHECK_AFTER,
     IO_TIMEOUT,
-    REFUSED_WAIT_CAP,
     Account,
     AccountSlot,
     Claim,
@@ -110,6 +111,18 @@ from kling_async._account import (
 from kling_async._config import is_int_in, is_seconds, is_text
 from kling_async._converter import converter
 from kling_async._models import Task
+from kling_async._redis_scripts import (
+    ABANDON,
+    ACQUIRE,
+    CLAIM,
+    CREATED,
+    EXPIRED,
+    KEY_NAMES,
+    REFUSED,
+    RELEASE,
+    RENEW,
+    SETTLE,
+)
 from kling_async.errors import APIConnectionError, ConfigurationError
 
 __all__ = ["RedisAccount"]
@@ -136,368 +149,6 @@ IO_SHARE: Final = 0.8
 CLOSE_WAIT: Final = 5.0
 #: A give-back that failed is retried at renewals for this many leases.
 DROP_LEASES: Final = 3
-
-# The keys every script gets, in this order (after the prefix).
-_KEY_NAMES: Final = (
-    "leases",  # 1  hash: lease id -> {e: external id, t: task id, o: process}
-    "expiry",  # 2  zset: lease id -> logical expiry (ms)
-    "tasks",  # 3  hash: task id -> lease id
-    "exts",  # 4  hash: external id -> lease id
-    "queue",  # 5  zset: waiter -> ticket
-    "limit",  # 6  the learned limit
-    "freed",  # 7  channel: a slot freed
-    "backoff",  # 8  exists while a create refused with 1303 waits for a slot
-    "waiters",  # 9  zset: waiter -> logical expiry
-    "ticket",  # 10 counter of queue tickets
-    "epoch",  # 11 changes when Redis lost the data
-    "steady",  # 12 set by the first 1303: the learned limit's slow start is over
-    "clock",  # 13 hash: t (Redis TIME, ms), c (logical ms), k (cap), q (quarantine end)
-    "procs",  # 14 zset: process -> logical expiry
-    "given",  # 15 hash: process -> max_running ('' when learned)
-    "claims",  # 16 hash: external id -> "process|expiry|renewed|call" (logical ms)
-    "settled",  # 17 channel: a claim ended
-)
-
-# ARGV 1-4 of every script: lease_ms, process id, candidate epoch, max_running ('' if none).
-# Reads Redis's TIME and advances the logical clock by the time since the last script,
-# at most a third of a lease (the smallest lease any process passed).
-_PRELUDE = """
-local t = redis.call('TIME')
-local wall = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local LEASE = tonumber(ARGV[1])
-local ME = ARGV[2]
-local c = redis.call('HMGET', KEYS[13], 't', 'c', 'k', 'q', 'l')
-local cap = math.min(tonumber(c[3]) or LEASE, math.floor(LEASE / 3))
-local now = tonumber(c[2]) or 0
-if c[1] then now = now + math.max(0, math.min(wall - tonumber(c[1]), cap)) end
-local calm = tonumber(c[4]) or 0
-local lost_at = tonumber(c[5]) or -1e15
-local epoch = redis.call('GET', KEYS[11])
-if not epoch then
-  -- Redis lost the data (or this name is new): give live holders one lease of
-  -- answering time to put their slots and claims back before anything is handed out.
-  epoch = ARGV[3]
-  redis.call('SET', KEYS[11], epoch)
-  calm = now + LEASE
-  lost_at = now
-end
-redis.call('HSET', KEYS[13], 't', wall, 'c', now, 'k', cap, 'q', calm, 'l', lost_at)
-local quiet = now < calm
-
-local function register()
-  redis.call('ZADD', KEYS[14], now + LEASE, ME)
-  redis.call('HSET', KEYS[15], ME, ARGV[4])
-end
-
--- The smallest and largest max_running given by a live process (false: none given).
-local function given()
-  for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[14], '-inf', '(' .. now)) do
-    redis.call('ZREM', KEYS[14], p)
-    redis.call('HDEL', KEYS[15], p)
-  end
-  local low, high = false, false
-  for _, v in ipairs(redis.call('HVALS', KEYS[15])) do
-    local n = tonumber(v)
-    if n then
-      if not low or n < low then low = n end
-      if not high or n > high then high = n end
-    end
-  end
-  return low, high
-end
-
--- A lease is freed: drop it and its indexes; tell whoever waits. Not only queued
--- waiters do: a create refused with 1303 waits without being queued and says so in
--- `backoff`. With nobody waiting nothing is published: no message per create.
-local function free(id)
-  local doc = redis.call('HGET', KEYS[1], id)
-  if not doc then return 0 end
-  local lease = cjson.decode(doc)
-  if lease.t and lease.t ~= '' and redis.call('HGET', KEYS[3], lease.t) == id then
-    redis.call('HDEL', KEYS[3], lease.t)
-  end
-  if lease.e and redis.call('HGET', KEYS[4], lease.e) == id then
-    redis.call('HDEL', KEYS[4], lease.e)
-  end
-  redis.call('HDEL', KEYS[1], id)
-  redis.call('ZREM', KEYS[2], id)
-  if redis.call('ZCARD', KEYS[5]) > 0 or redis.call('EXISTS', KEYS[8]) == 1 then
-    redis.call('PUBLISH', KEYS[7], 'free')
-  end
-  return 1
-end
-"""
-
-# ARGV 5-7: waiter lease_id ext. Returns {taken, epoch, limit, lowest given, highest}.
-_ACQUIRE = (
-    _PRELUDE
-    + """
-for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', '(' .. now)) do
-  redis.call('ZREM', KEYS[5], w)
-  redis.call('ZREM', KEYS[9], w)
-end
-register()
-local low, high = given()
--- The plan's limit, or the learned one (1 before anything was learned: slow start).
-local limit = low or tonumber(redis.call('GET', KEYS[6])) or 1
-limit = math.max(1, math.floor(limit))
-if redis.call('HEXISTS', KEYS[1], ARGV[6]) == 1 then
-  -- An earlier take of this very slot timed out at the caller but got through: its own.
-  redis.call('ZADD', KEYS[2], now + LEASE, ARGV[6])
-  redis.call('ZREM', KEYS[5], ARGV[5])
-  redis.call('ZREM', KEYS[9], ARGV[5])
-  return {1, epoch, limit, low or 0, high or 0}
-end
-local room = limit - redis.call('HLEN', KEYS[1])
-local rank = redis.call('ZRANK', KEYS[5], ARGV[5])
-local ahead
-if rank then
-  -- Only other processes' waiters count: ours behind us locally try only when they
-  -- lead our local queue, so waiting for them would stall us all.
-  ahead = 0
-  if rank > 0 then
-    local mine = ME .. ':'
-    for _, w in ipairs(redis.call('ZRANGE', KEYS[5], 0, rank - 1)) do
-      if string.sub(w, 1, #mine) ~= mine then ahead = ahead + 1 end
-    end
-  end
-else
-  ahead = redis.call('ZCARD', KEYS[5])
-end
-if ahead < room and not quiet then
-  redis.call('HSET', KEYS[1], ARGV[6], cjson.encode({e = ARGV[7], t = '', o = ME}))
-  redis.call('ZADD', KEYS[2], now + LEASE, ARGV[6])
-  redis.call('HSET', KEYS[4], ARGV[7], ARGV[6])
-  redis.call('ZREM', KEYS[5], ARGV[5])
-  redis.call('ZREM', KEYS[9], ARGV[5])
-  return {1, epoch, limit, low or 0, high or 0}
-end
-if not rank then
-  redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[10]), ARGV[5])
-end
-redis.call('ZADD', KEYS[9], now + LEASE, ARGV[5])
-return {0, epoch, limit, low or 0, high or 0}
-"""
-)
-
-# ARGV 5-8: lease_id task_id terminal learn. Returns the learned limit (0: not learned).
-# Learning, as TCP learns a window: while `steady` is unset (no 1303 seen yet) the limit
-# grows by one slot per create accepted at the limit (doubling per round of creates);
-# after that by 1/limit. Only creates accepted *at* the limit count: room nobody asked
-# for proves nothing.
-_CREATED = (
-    _PRELUDE
-    + """
-local function learned()
-  if ARGV[8] ~= '1' then return 0 end
-  local limit = tonumber(redis.call('GET', KEYS[6])) or 1
-  local whole = math.max(1, math.floor(limit))
-  if redis.call('HLEN', KEYS[1]) < whole then return whole end
-  local raised = limit + 1
-  if redis.call('EXISTS', KEYS[12]) == 1 then raised = limit + 1 / limit end
-  redis.call('SET', KEYS[6], string.format('%.17g', raised))
-  if math.floor(raised) > whole and redis.call('ZCARD', KEYS[5]) > 0 then
-    redis.call('PUBLISH', KEYS[7], 'free')
-  end
-  return math.max(1, math.floor(raised))
-end
-local doc = redis.call('HGET', KEYS[1], ARGV[5])
-if not doc then return 0 end
-if ARGV[7] == '1' then
-  free(ARGV[5])
-  return 0
-end
-local lease = cjson.decode(doc)
-lease.t = ARGV[6]
-redis.call('HSET', KEYS[1], ARGV[5], cjson.encode(lease))
-redis.call('HSET', KEYS[3], ARGV[6], ARGV[5])
-return learned()
-"""
-)
-
-# ARGV 5-8: lease_id task_id ext expiry: the lease by its id, else by task id, else by
-# ext; with `expiry`, only while the lease's expiry is still that (a look-up's re-lease:
-# its holder renewing it meanwhile proves it alive).
-_RELEASE = (
-    _PRELUDE
-    + """
-local id = ARGV[5]
-if id == '' and ARGV[6] ~= '' then id = redis.call('HGET', KEYS[3], ARGV[6]) end
-if (not id or id == '') and ARGV[7] ~= '' then id = redis.call('HGET', KEYS[4], ARGV[7]) end
-if not id or id == '' then return 0 end
-if ARGV[8] and ARGV[8] ~= '' and redis.call('ZSCORE', KEYS[2], id) ~= ARGV[8] then return 0 end
-return free(id)
-"""
-)
-
-# ARGV 5-7: lease_id learn wait_ms. Returns {slots still held, learned limit (0: not)}.
-# A 1303 lowers the limit at once to the slots held less the refused one (every other
-# slot is a task the service accepted) and ends the slow start. The refused create then
-# waits (up to wait_ms) for a slot to free: `backoff` asks `free` to announce it.
-_REFUSED = (
-    _PRELUDE
-    + """
-local limit = 0
-if ARGV[6] == '1' then
-  limit = math.max(1, redis.call('HLEN', KEYS[1]) - 1)
-  redis.call('SET', KEYS[6], limit)
-  redis.call('SET', KEYS[12], '1')
-end
-if redis.call('PTTL', KEYS[8]) < tonumber(ARGV[7]) then
-  redis.call('SET', KEYS[8], '1', 'PX', ARGV[7])
-end
-free(ARGV[5])
-return {redis.call('HLEN', KEYS[1]), limit}
-"""
-)
-
-# ARGV 5-6: lease_id waiter. A cancelled acquire: drop its lease if the take got through,
-# and its queue place.
-_ABANDON = (
-    _PRELUDE
-    + """
-redis.call('ZREM', KEYS[9], ARGV[6])
-local was_queued = redis.call('ZREM', KEYS[5], ARGV[6])
-if free(ARGV[5]) == 0 and was_queued == 1 and redis.call('ZCARD', KEYS[5]) > 0 then
-  redis.call('PUBLISH', KEYS[7], 'free')
-end
-return 1
-"""
-)
-
-# ARGV 5: max. Leases whose holder stopped renewing them for a lease of answering time,
-# leased again to the caller for a look-up. Never during the quarantine.
-_EXPIRED = (
-    _PRELUDE
-    + """
-local out = {}
-if quiet then return out end
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', '(' .. now, 'LIMIT', 0, ARGV[5])
-for _, id in ipairs(due) do
-  local doc = redis.call('HGET', KEYS[1], id)
-  if doc then
-    redis.call('ZADD', KEYS[2], now + LEASE, id)
-    table.insert(out, id)
-    table.insert(out, doc)
-    table.insert(out, redis.call('ZSCORE', KEYS[2], id))
-  else
-    redis.call('ZREM', KEYS[2], id)
-  end
-end
-return out
-"""
-)
-
-# ARGV 5: JSON {f: force, cm: claim_ms, l: [[id, ext, task]], w: [waiters],
-#   d: [lease ids to free], c: [[ext, call]] claims held, x: [[ext, call]] claims to drop
-#   (granted to calls that timed out)}.
-# Renews what this process holds and registers it. After Redis lost its data (the epoch
-# changed), `force` puts the leases, claims and queue places (in this process's order)
-# back. Returns {epoch, gone leases, lost claims, limit, low, high}.
-_RENEW = (
-    _PRELUDE
-    + """
-local a = cjson.decode(ARGV[5])
-local force = a.f == 1
-register()
-local gone, lost = {}, {}
-for _, l in ipairs(a.l) do
-  local id, ext, task = l[1], l[2], l[3]
-  if redis.call('HEXISTS', KEYS[1], id) == 1 then
-    redis.call('ZADD', KEYS[2], now + LEASE, id)
-  elseif force then
-    redis.call('HSET', KEYS[1], id, cjson.encode({e = ext, t = task, o = ME}))
-    redis.call('ZADD', KEYS[2], now + LEASE, id)
-    redis.call('HSET', KEYS[4], ext, id)
-    if task ~= '' then redis.call('HSET', KEYS[3], task, id) end
-  else
-    table.insert(gone, id)
-  end
-end
-for _, w in ipairs(a.w) do
-  if force and not redis.call('ZSCORE', KEYS[5], w) then
-    redis.call('ZADD', KEYS[5], redis.call('INCR', KEYS[10]), w)
-    redis.call('ZADD', KEYS[9], now + LEASE, w)
-  else
-    -- A place lost otherwise is taken anew by the waiter's own next take (a waiter
-    -- whose take just went through must not be queued again here).
-    redis.call('ZADD', KEYS[9], 'XX', now + LEASE, w)
-  end
-end
-for _, id in ipairs(a.d) do free(id) end
-for _, c in ipairs(a.c) do
-  local v = redis.call('HGET', KEYS[16], c[1])
-  if (v and string.match(v, '|([^|]*)$') == c[2]) or (not v and force) then
-    redis.call('HSET', KEYS[16], c[1], ME .. '|' .. (now + a.cm) .. '|' .. now .. '|' .. c[2])
-  else
-    table.insert(lost, c[1])
-  end
-end
-for _, c in ipairs(a.x) do
-  local v = redis.call('HGET', KEYS[16], c[1])
-  if v and string.match(v, '|([^|]*)$') == c[2] then redis.call('HDEL', KEYS[16], c[1]) end
-end
-local low, high = given()
-local limit = low or tonumber(redis.call('GET', KEYS[6])) or 1
-return {epoch, gone, lost, math.max(1, math.floor(limit)), low or 0, high or 0}
-"""
-)
-
-# Within CLAIM_LEASES + 1 leases of Redis losing its data (or of a name's first use: the
-# same to Redis), a claim with nothing known against it says how long ago that was.
-# KEYS[18]: the id's settled record. ARGV 5-8: ext claim_ms call adopt ('1': no create of
-# this process holds the id, so a claim of this process found here was granted to a call
-# that timed out or a create whose settle was lost: the process takes it over).
-# Returns {'task', doc} | {'wait', epoch} | {'mine', epoch, maybe_since_ms (-1: none), why}.
-_CLAIM = (
-    _PRELUDE
-    + """
-local settled = redis.call('GET', KEYS[18])
-if settled and string.sub(settled, 1, 1) == '{' then return {'task', settled} end
-local since, why = -1, ''
-local v = redis.call('HGET', KEYS[16], ARGV[5])
-if v then
-  local owner, expiry, renewed = string.match(v, '^([^|]*)|([^|]*)|([^|]*)|')
-  if owner == ME and ARGV[8] == '1' then
-    since = -1
-  elseif tonumber(expiry) > now then
-    return {'wait', epoch}
-  else
-    since = now - tonumber(renewed)  -- its holder stopped renewing: it may have sent
-    why = 'its claimer stopped renewing'
-  end
-end
-if quiet then return {'wait', epoch} end
-if settled and string.sub(settled, 1, 2) == 'm:' then
-  since = math.max(since, wall - tonumber(string.sub(settled, 3)))
-  why = 'it ended ambiguously'
-elseif not v and not settled and now - lost_at < tonumber(ARGV[6]) + LEASE then
-  -- Soon after Redis lost its data: a claim of a holder that died just before may have
-  -- been lost with it (live holders put theirs back during the quarantine).
-  since = now - lost_at
-  why = 'Redis lost its data since'
-end
-local claim = ME .. '|' .. (now + tonumber(ARGV[6])) .. '|' .. now .. '|' .. ARGV[7]
-redis.call('HSET', KEYS[16], ARGV[5], claim)
-return {'mine', epoch, since, why}
-"""
-)
-
-# KEYS[18]: the id's settled record. ARGV 5-9: ext task_json settled_ttl_s maybe call.
-_SETTLE = (
-    _PRELUDE
-    + """
-if ARGV[6] ~= '' then
-  redis.call('SET', KEYS[18], ARGV[6], 'EX', ARGV[7])
-elseif ARGV[8] == '1' then
-  redis.call('SET', KEYS[18], 'm:' .. wall, 'EX', ARGV[7])
-end
-local v = redis.call('HGET', KEYS[16], ARGV[5])
-if v and string.match(v, '|([^|]*)$') == ARGV[9] then redis.call('HDEL', KEYS[16], ARGV[5]) end
-redis.call('PUBLISH', KEYS[17], ARGV[5])
-return 1
-"""
-)
 
 
 @attrs.define(eq=False)
@@ -567,19 +218,19 @@ class RedisAccount(Account):
         self._id = uuid.uuid4().hex
         prefix = f"kling:{{{name}}}:"
         self._prefix = prefix
-        self._keys = [prefix + key for key in _KEY_NAMES]
+        self._keys = [prefix + key for key in KEY_NAMES]
         self._freed_channel = self._keys[6]
         self._settled_channel = self._keys[16]
         register = self._redis.register_script
-        self._acquire_script = register(_ACQUIRE)
-        self._created_script = register(_CREATED)
-        self._release_script = register(_RELEASE)
-        self._refused_script = register(_REFUSED)
-        self._abandon_script = register(_ABANDON)
-        self._expired_script = register(_EXPIRED)
-        self._renew_script = register(_RENEW)
-        self._claim_script = register(_CLAIM)
-        self._settle_script = register(_SETTLE)
+        self._acquire_script = register(ACQUIRE)
+        self._created_script = register(CREATED)
+        self._release_script = register(RELEASE)
+        self._refused_script = register(REFUSED)
+        self._abandon_script = register(ABANDON)
+        self._expired_script = register(EXPIRED)
+        self._renew_script = register(RENEW)
+        self._claim_script = register(CLAIM)
+        self._settle_script = register(SETTLE)
         self._epoch: str | None = None
         self._limit = max_running or 1
         self._warned: set[int] = set()
@@ -876,28 +527,28 @@ class RedisAccount(Account):
         slot.creating = False
         self._forget(slot.token)
         self._freed.clear()
-        longest = retry_after or REFUSED_WAIT_CAP
+        # Wait for a slot to free anywhere on the account, or (when this process holds
+        # no slot, so what fills the account is not ours) a jittered backoff; as
+        # InMemoryAccount does. The backoff key lives as long as this wait.
+        wait = _protocol.refused_wait(retry_after, ours_running=bool(self._held))
         try:
-            held, limit = await self._complete(
+            _, limit = await self._complete(
                 self._call(
                     self._refused_script,
                     [
                         slot.token,
                         "1" if self.max_running is None else "0",
-                        math.ceil(longest * 1000),
+                        math.ceil(wait * 1000),
                     ],
                 )
             )
         except APIConnectionError as error:
             logger.info("giving back a refused slot failed (retried at renewals): %s", error)
             self._drop_later(slot.token)
-            held, limit = 1, 0
+            limit = 0
         self._note_limit(limit)
         with contextlib.suppress(APIConnectionError):
             await self._listen()
-        # Wait for a slot to free anywhere on the account, or (when the account holds no
-        # slot, so what fills it is not ours) a jittered backoff; as InMemoryAccount does.
-        wait = retry_after or random.uniform(1.0, REFUSED_WAIT_CAP if not held else 5.0)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._freed.wait(), wait)
 

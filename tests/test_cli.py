@@ -23,7 +23,7 @@ from rich.console import Console
 from kling_async._cli import _progress as _cli_progress
 from kling_async._cli._app import cli
 from kling_async._cli._options import expand_bare_simulate
-from kling_async.testing import Simulator
+from kling_async.testing import SimPack, Simulator
 
 pytest_plugins = ["kling_async.testing.pytest_plugin"]
 
@@ -1003,3 +1003,49 @@ def test_a_wrong_csv_header_is_one_error_before_anything_is_sent(
     assert "unknown columns video, promt, seed" in message
     assert "missing required columns video_id, prompt" in message
     assert kling_env.counters.requests == 0
+
+
+# -- credits and costs ------------------------------------------------------------------
+
+
+@simulator(resource_packs=[SimPack(name="Main pack", total=50)])
+def test_credits_json_when_piped_and_units_in_status(invoke: Invoke, kling_env: Simulator) -> None:
+    result = invoke("credits")
+    assert result.exit_code == 0, result.stderr
+    (pack,) = lines(result.stdout)
+    assert (pack["name"], pack["total"], pack["remaining"]) == ("Main pack", 50.0, 50.0)
+    assert pack["status"] == "online" and pack["usable"] is True
+    assert pack["expires_at"].endswith("+00:00")
+    task = created(invoke, external="order-7")
+    text = invoke("status", task["task_id"])
+    assert "expires: " in text.stdout
+    assert "units deducted: 1" in text.stdout
+    again = lines(invoke("credits", "--json").stdout)
+    assert again[0]["remaining"] == 49.0
+
+
+@simulator(prefix="/kling")
+def test_credits_against_a_gateway_says_it_is_not_offered(
+    invoke: Invoke, kling_env: Simulator
+) -> None:
+    result = invoke("credits")
+    assert result.exit_code == 1
+    assert "does not offer /account/costs" in result.stderr
+
+
+@simulator(resource_packs=[SimPack(total=100)])
+def test_batch_prints_the_usable_remainder_and_units_billed(
+    invoke: Invoke, kling_env: Simulator
+) -> None:
+    result = invoke("batch", EXAMPLES / "batch.jsonl", *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert "100 units usable before the batch" in result.stderr
+    assert "92 units usable now" in result.stderr
+    assert "8 units billed" in result.stderr
+
+
+@simulator(prefix="/kling")
+def test_batch_on_a_gateway_says_nothing_of_credits(invoke: Invoke, kling_env: Simulator) -> None:
+    result = invoke("batch", EXAMPLES / "batch.jsonl", *FAST)
+    assert result.exit_code == 0, result.stderr
+    assert "units usable" not in result.stderr

@@ -280,10 +280,21 @@ async def test_retry_after_is_honoured_exactly(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="kling_async")
-    url, _ = await coded_server(429, 1302, {"Retry-After": "0.2"}, then_ok=True)
+    url, _ = await coded_server(503, 5001, {"Retry-After": "0.2"}, then_ok=True)
     async with KlingClient(api_key="k", base_url=url) as kling:
         await kling.get_task("t")
     assert waits(caplog) == [0.2]
+
+
+async def test_a_429_waits_at_least_a_second_whatever_retry_after_says(
+    coded_server: Callable[..., Awaitable[tuple[str, list[int]]]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="kling_async")
+    url, _ = await coded_server(429, 1302, {"Retry-After": "0.2"}, then_ok=True)
+    async with KlingClient(api_key="k", base_url=url) as kling:
+        await kling.get_task("t")
+    assert waits(caplog) == [1.0]
 
 
 async def test_retry_after_http_date_and_cap(
@@ -310,7 +321,7 @@ async def test_simulator_retry_after_and_backoff_waits(
         task = await kling.extend(REQUEST)
         await kling.get_task(task.task_id)
     recorded = waits(caplog)
-    assert recorded[0] == 0.15  # as given, no jitter
+    assert recorded[0] == 1.0  # a 429's Retry-After of 0.15 s is raised to Kling's 1 s
     assert 0 <= recorded[1] <= 0.5  # full jitter of the first backoff step
 
 

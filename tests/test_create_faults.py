@@ -104,12 +104,10 @@ async def test_an_accepted_create_whose_look_ups_fail_is_never_posted_again(
     account = InMemoryAccount(max_running=1)
     sim.inject("empty_data", on="create")
     sim.inject("500", on="get", times=50)
-    async with client(sim, max_retries=1, account=account) as kling:
+    async with client(sim, max_retries=2, account=account) as kling:
         with pytest.raises(KlingError):
-            await kling.extend(request("empty-3"))
+            await kling.extend(request())  # the client's own id: no look-up first
         assert account.running == 1  # the task exists: its slot stays taken
-        sim.clear_faults()
-        await kling.extend(request("empty-3"))  # run again
     assert sim.counters.creates == 1 and sim.counters.tasks_created == 1
 
 
@@ -255,3 +253,26 @@ async def test_a_storm_of_create_faults_bills_each_item_once_within_the_plan(see
             }
     finally:
         set_testing(True)
+
+
+async def test_waiting_on_a_create_answer_that_already_says_succeed_returns_the_videos() -> None:
+    # A create's answer carries no result: its "succeed" is not the end of the wait.
+    async with Simulator(submit_time=0, processing_time=0) as sim, client(sim) as kling:
+        task = await kling.extend(request())
+        done = await kling.wait_for_task(task)
+    assert done.succeeded and done.videos
+
+
+def test_every_public_wait_defaults_to_the_one_wait_timeout() -> None:
+    import inspect
+
+    from kling_async import SyncKlingClient
+    from kling_async._models import WAIT_TIMEOUT
+
+    for method in (
+        KlingClient.wait_for_task,
+        KlingClient.extend_and_wait,
+        SyncKlingClient.wait_for_task,
+        SyncKlingClient.extend_and_wait,
+    ):
+        assert inspect.signature(method).parameters["timeout"].default == WAIT_TIMEOUT, method

@@ -24,6 +24,8 @@ CONTRACT = {
     "BatchProgress",
     "PollPolicy",
     "InMemoryAccount",
+    "SyncKlingClient",
+    "ResourcePack",
     "OnUpdate",
     "OnProgress",
     "KlingError",
@@ -203,3 +205,30 @@ def test_the_cli_declarations_agree_with_the_library() -> None:
 
     assert (_options.MAX_PAGE, _options.MAX_PAGE_SIZE) == (_client.MAX_PAGE, _client.MAX_PAGE_SIZE)
     assert _rows_in.FORMATS == _options.FORMATS
+
+
+_ROUND_TRIP = """
+from kling_async import ExtendRequest, SyncKlingClient
+from kling_async.testing import Simulator
+with Simulator(processing_time=0.01).run_in_thread() as sim:
+    with SyncKlingClient(api_key=sim.api_key, base_url=sim.base_url) as kling:
+        task = kling.extend(ExtendRequest("828006748715380777", "x"))
+        kling.get_task(task.task_id)
+"""
+
+
+def test_without_the_otel_extra_nothing_of_opentelemetry_is_imported() -> None:
+    # The package hidden, as when the extra is not installed: a whole round trip works,
+    # and telemetry stays off.
+    hidden = f"import sys; sys.modules['opentelemetry'] = None\n{_ROUND_TRIP}"
+    probe = "from kling_async import _telemetry; assert not _telemetry.AVAILABLE"
+    out = subprocess.run(
+        [sys.executable, "-W", "error", "-c", f"{hidden}\n{probe}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    # Installed or not, importing the package and making a client imports none of it.
+    unused = ("opentelemetry", "opentelemetry.trace", "opentelemetry.metrics")
+    assert _loaded("from kling_async import KlingClient; KlingClient(api_key='k')", unused) == []

@@ -20,11 +20,13 @@ from kling_async.errors import (
     ContentPolicyError,
     InsufficientBalanceError,
     InvalidRequestError,
+    KlingError,
     NotFoundError,
     PermissionDeniedError,
     RateLimitError,
     ResponseFormatError,
     ServerError,
+    ValidationError,
 )
 
 # Every service code of API.md: (HTTP status, code, exception, retried?)
@@ -142,7 +144,63 @@ def test_rate_limits_are_not_processed() -> None:
     error = _protocol.error_for(429, 1303, "busy")
     assert not _protocol.may_have_been_processed(error)
     assert _protocol.is_concurrency_limit(error)
-    assert _protocol.is_no_credit(_protocol.error_for(429, 1102, "empty"))
+    no_credit = _protocol.decide(_protocol.error_for(429, 1102, "empty"))
+    assert no_credit.action is _protocol.Action.STOP_BATCH
+
+
+Action = _protocol.Action
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "retry_after", "action", "wait", "final"),
+    [
+        (500, 5000, None, Action.RETRY, None, False),
+        (503, None, 3.0, Action.RETRY, 3.0, False),
+        (408, None, None, Action.RETRY, None, False),
+        (429, 1302, 0.01, Action.RETRY, 1.0, False),  # at least a second after a 429
+        (429, 1302, 7.0, Action.RETRY, 7.0, False),
+        (429, 1303, None, Action.WAIT_FOR_SLOT, 1.0, False),
+        (429, None, None, Action.RETRY, 1.0, False),
+        (429, 1999, None, Action.GIVE_UP, None, False),  # API.md: 1302, 1303 or no code
+        (429, 1304, None, Action.GIVE_UP, None, False),
+        (429, 1100, None, Action.STOP_BATCH, None, False),
+        (429, 1102, None, Action.STOP_BATCH, None, False),
+        (401, 1000, None, Action.STOP_BATCH, None, False),
+        (401, None, None, Action.STOP_BATCH, None, False),
+        (400, 1201, None, Action.GIVE_UP, None, True),
+        (400, 1301, None, Action.GIVE_UP, None, True),
+        (404, 1203, None, Action.GIVE_UP, None, False),
+        (403, 1103, None, Action.GIVE_UP, None, False),
+        (418, 1999, None, Action.GIVE_UP, None, False),
+    ],
+)
+def test_one_function_decides_what_follows_an_error(
+    status: int,
+    code: int | None,
+    retry_after: float | None,
+    action: Action,
+    wait: float | None,
+    final: bool,
+) -> None:
+    error = _protocol.error_for(status, code, "m", retry_after=retry_after)
+    assert _protocol.decide(error) == (action, wait, final)
+    retried = action in (Action.RETRY, Action.WAIT_FOR_SLOT)
+    assert _protocol.is_retryable(error) is retried
+
+
+def test_errors_that_are_not_answers_are_decided_too() -> None:
+    assert _protocol.decide(APITimeoutError("t")).action is Action.RETRY
+    assert _protocol.decide(ResponseFormatError("garbled")).action is Action.RETRY
+    assert _protocol.decide(ResponseFormatError("bad", path="data.x")).action is Action.GIVE_UP
+    assert _protocol.decide(ValidationError("prompt", "is empty")).final
+    assert _protocol.decide(KlingError("other")) == (Action.GIVE_UP, None, False)
+
+
+def test_a_refused_create_waits_at_least_a_second_and_at_most_the_cap() -> None:
+    assert _protocol.refused_wait(0.01, ours_running=True) == 1.0
+    assert _protocol.refused_wait(9.0, ours_running=False) == 9.0
+    assert 1.0 <= _protocol.refused_wait(None, ours_running=True) <= 5.0
+    assert 1.0 <= _protocol.refused_wait(None, ours_running=False) <= _protocol.REFUSED_WAIT_CAP
 
 
 def test_paths_quote_ids() -> None:

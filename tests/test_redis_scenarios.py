@@ -51,9 +51,9 @@ class Worker:
 
     async def finish(self) -> list[dict[str, Any]]:
         assert self.process.stdout is not None
-        out, _ = await asyncio.wait_for(self.process.communicate(), 90)
+        out, err = await asyncio.wait_for(self.process.communicate(), 90)
         self.lines += [json.loads(line) for line in out.decode().splitlines() if line]
-        assert self.process.returncode == 0
+        assert self.process.returncode == 0, err.decode()[-4000:]
         return self.lines
 
 
@@ -95,6 +95,7 @@ async def start_worker(
         WORKER,
         json.dumps(config),
         stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,  # the account's warnings, shown when one fails
         env={**os.environ, "PYTHONPATH": _pythonpath()},
     )
     _started.append(process)
@@ -271,3 +272,63 @@ async def test_the_arq_example_extends_and_downloads_every_video(
     assert sim.counters.tasks_created == 4
     assert sim.counters.rejected_1303 == 0
     assert not sim.counters.duplicate_external_ids
+
+
+async def test_the_taskiq_example_extends_and_downloads_every_video_once(
+    sim: Simulator, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`taskiq worker taskiq_worker:broker` as a real process, a real Redis, and a job
+    that fails once after its task was created (the download) and is sent again by
+    Taskiq's retry middleware: it finds its task instead of creating another."""
+    pytest.importorskip("taskiq_redis")
+    examples = Path(__file__).parent.parent / "examples"
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "KLING_BASE_URL": sim.base_url,
+        "KLING_API_KEY": sim.api_key or "",
+        "KLING_MAX_RUNNING": "2",
+        "KLING_DOWNLOADS": str(tmp_path / "videos"),
+    }
+    for name in ("REDIS_URL", "KLING_BASE_URL", "KLING_API_KEY"):
+        monkeypatch.setenv(name, env[name])
+    monkeypatch.syspath_prepend(str(examples))
+    sys.modules.pop("taskiq_worker", None)
+    producer = _load_example("taskiq_producer")
+
+    raw = aioredis.Redis.from_url(redis_url)
+    await raw.set("kling:{kling}:epoch", "in use", nx=True)  # see the arq test
+    await raw.aclose()
+    # Every try of the first download fails: that job fails, after its task was made.
+    sim.inject("500", on="files", times=5)
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "taskiq",
+        "worker",
+        "taskiq_worker:broker",
+        "--workers",
+        "1",
+        "--no-configure-logging",
+        cwd=examples,
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    videos = [{"video_id": f"video-{i}", "prompt": f"镜头推进 {i}"} for i in range(4)]
+    try:
+        results = await asyncio.wait_for(producer.enqueue_all(videos, timeout=60), 90)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(worker.communicate(), 30)
+        except asyncio.TimeoutError:
+            worker.kill()
+            await worker.communicate()
+        sys.modules.pop("taskiq_worker", None)
+
+    assert sorted(r["video_id"] for r in results) == [v["video_id"] for v in videos]
+    assert all(os.path.getsize(r["file"]) > 0 for r in results)  # noqa: ASYNC240
+    assert sim.counters.tasks_created == 4  # the retried job found its task
+    assert not sim.counters.duplicate_external_ids
+    assert sim.counters.faults_injected == 5

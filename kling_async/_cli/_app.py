@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -298,6 +299,40 @@ def download(task_id: str, dest: str, overwrite: bool, client: ClientOptions) ->
         with download_display(task.videos[0].id) as show:
             path = await kling.download(task, dest, overwrite=overwrite, on_progress=show)
         saved(path)
+        return EXIT_OK
+
+    _run(client, body)
+
+
+@cli.command(short_help="Show the account's resource packs (official API).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one pack per line.")
+@client_options
+def credits(as_json: bool, client: ClientOptions) -> None:
+    """Show the account's resource packs: name, type, remaining of total, status, expiry.
+
+    A table on a terminal; JSON Lines (one pack per line) to a file or a pipe, or with
+    --json. Kling may report the remainder up to 12 hours late. Gateways usually do not
+    offer this call (exit 1, saying so).
+    """
+
+    async def body(kling: KlingClient) -> int:
+        from kling_async._cli._rows_out import (
+            pack_document,
+            print_json,
+            print_pack_table,
+            usable_units,
+        )
+        from kling_async._cli._runtime import EXIT_OK
+
+        packs = await kling.resource_packs()
+        if as_json or not sys.stdout.isatty():
+            for pack in packs:
+                print_json(pack_document(pack))
+        elif not print_pack_table(packs):
+            click.echo("no resource packs", err=True)
+        if not as_json and sys.stdout.isatty() and packs:
+            units, count = usable_units(packs)
+            click.echo(f"usable: {units:g} units in {count} pack(s)", err=True)
         return EXIT_OK
 
     _run(client, body)

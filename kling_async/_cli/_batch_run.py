@@ -46,12 +46,14 @@ from kling_async._cli._rows_out import (
     RowOutcome,
     error_document,
     task_document,
+    usable_units,
 )
 from kling_async._cli._runtime import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
     CommandError,
+    notice,
     report,
     run_with_client,
 )
@@ -322,6 +324,7 @@ class BatchRun:
             problem=problem,
             file=_shown_path(file) if file is not None else None,
             saved_before=saved_before,
+            units=task.units_deducted if task is not None else None,
             source_video_id=request.video_id if request is not None else None,
             elapsed=time.monotonic() - read_at if read_at is not None else None,
         )
@@ -368,6 +371,17 @@ def announce_journal(journal: Path) -> None:
             "--no-journal to keep none)",
             err=True,
         )
+
+
+async def usable_credit(kling: KlingClient) -> float | None:
+    """Units left in the account's usable packs; None where the API does not say (gateways)."""
+    try:
+        packs = await kling.resource_packs()
+    except AuthenticationError:
+        raise  # a wrong key stops the batch here, before any row is sent
+    except KlingError:
+        return None  # a gateway without the call, or no answer: the batch says nothing
+    return usable_units(packs)[0]
 
 
 def _shown_path(path: Path) -> str:
@@ -438,6 +452,9 @@ def run_batch_command(
         async def body(kling: KlingClient) -> int:
             if journal is not None:
                 announce_journal(journal)
+            before = await usable_credit(kling)
+            if before is not None:
+                notice(f"resource packs: {before:g} units usable before the batch")
             run = BatchRun(
                 kling,
                 rows,
@@ -454,6 +471,10 @@ def run_batch_command(
             with display:
                 code = await run.run(timeout)
             display.finish()
+            if before is not None:
+                after = await usable_credit(kling)
+                if after is not None:
+                    notice(f"resource packs: {after:g} units usable now (Kling may lag)")
             return code
 
         state = journal.with_name(journal.name + ".sim-state.json") if journal else None

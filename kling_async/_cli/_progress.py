@@ -58,6 +58,8 @@ class BatchDisplay:
         self.ok = 0
         self.failed = 0
         self.running = 0
+        #: Units billed for the finished rows, as far as the service said.
+        self.units = 0.0
         self._started = time.monotonic()
 
     def __enter__(self) -> BatchDisplay:
@@ -84,17 +86,20 @@ class BatchDisplay:
             self.ok += 1
         else:
             self.failed += 1
+        if outcome.units is not None:
+            self.units += outcome.units
         self._show_row(outcome)
 
     def _show_row(self, outcome: RowOutcome) -> None:
         click.echo(outcome.describe(), err=True)
 
     def summary(self) -> str:
-        """``batch done: 7 ok, 1 failed, 8 rows in 5.2 s``."""
+        """``batch done: 7 ok, 1 failed, 8 rows in 5.2 s, 7 units billed``."""
         rows = self.ok + self.failed
         elapsed = time.monotonic() - self._started
         counted = "1 row" if rows == 1 else f"{rows} rows"
-        return f"batch done: {self.ok} ok, {self.failed} failed, {counted} in {elapsed:.1f} s"
+        text = f"batch done: {self.ok} ok, {self.failed} failed, {counted} in {elapsed:.1f} s"
+        return text + (f", {self.units:g} units billed" if self.units else "")
 
     def finish(self) -> None:
         """Print the summary line."""

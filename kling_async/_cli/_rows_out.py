@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kling_async._converter import converter
-from kling_async._models import Task, TaskStatus
+from kling_async._models import ResourcePack, Task, TaskStatus
 from kling_async.errors import APIStatusError, ValidationError
 
 #: Width of tables written to a file or a pipe.
@@ -151,6 +151,8 @@ class RowOutcome:
     file: str | None = None
     source_video_id: str | None = None
     elapsed: float | None = None
+    #: Units the row's task was billed, when the service says.
+    units: float | None = None
     #: `file` was saved by an earlier run of the batch (its journal records it).
     saved_before: bool = False
 
@@ -263,10 +265,17 @@ def print_task(task: Task, *, as_json: bool) -> None:
         lines.append(f"  external_task_id: {task.external_task_id}")
     lines.append(f"  created: {_when(task.created_at)}")
     lines.append(f"  updated: {_when(task.updated_at)}")
+    if task.expires_at is not None:
+        lines.append(f"  expires: {_when(task.expires_at)} (Kling deletes the results then)")
+    if task.units_deducted is not None:
+        lines.append(f"  units deducted: {task.units_deducted:g}")
     if task.parent_video is not None:
         parent = task.parent_video
         lines.append(f"  parent video: {parent.id} ({parent.duration:g} s)")
-    lines.extend(f"  video: {v.id} ({v.duration:g} s) {v.url}" for v in task.videos)
+    for v in task.videos:
+        lines.append(f"  video: {v.id} ({v.duration:g} s) {v.url}")
+        if v.watermark_url is not None:
+            lines.append(f"  watermarked: {v.watermark_url}")
     for line in lines:
         console.print(line, markup=False)
 
@@ -301,3 +310,53 @@ def print_task_table(tasks: Iterable[Task]) -> int:
 def saved(path: Path) -> None:
     """Print the path of a file written."""
     write_stdout(f"{path}\n".encode())
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
+
+
+def pack_document(pack: ResourcePack) -> dict[str, Any]:
+    """A resource pack as one JSON object (times as ISO 8601, UTC)."""
+    return {
+        "name": pack.name,
+        "id": pack.id,
+        "type": pack.type,
+        "total": pack.total,
+        "remaining": pack.remaining,
+        "status": pack.status,
+        "usable": pack.usable,
+        "purchased_at": _iso(pack.purchased_at),
+        "effective_at": _iso(pack.effective_at),
+        "expires_at": _iso(pack.expires_at),
+    }
+
+
+def usable_units(packs: Iterable[ResourcePack]) -> tuple[float, int]:
+    """Units left in the usable packs, and how many packs that is."""
+    usable = [pack for pack in packs if pack.usable]
+    return sum(pack.remaining for pack in usable), len(usable)
+
+
+def print_pack_table(packs: Iterable[ResourcePack]) -> int:
+    """Print resource packs as a table; return how many there were."""
+    table = Table()
+    for column in ("name", "type", "remaining", "status", "expires"):
+        table.add_column(column, no_wrap=column != "name", overflow="fold")
+    count = 0
+    for pack in packs:
+        count += 1
+        style = "green" if pack.usable else "red"
+        table.add_row(
+            pack.name,
+            pack.type,
+            f"{pack.remaining:g} of {pack.total:g}",
+            f"[{style}]{pack.status}[/]",
+            _when(pack.expires_at),
+        )
+    if count:
+        console = Console(highlight=False)
+        if not console.is_terminal:
+            console = Console(highlight=False, width=_WIDE)
+        console.print(table)
+    return count

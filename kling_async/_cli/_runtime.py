@@ -46,6 +46,8 @@ SIMULATOR_PROCESSING_TIME: Final = 2.5
 SIMULATOR_TIME_SPREAD: Final = 0.8
 #: How often the built-in simulator's tasks are polled (unless --poll-interval).
 SIMULATOR_POLL: Final = PollPolicy(initial=0.5, factor=1.3, max_interval=1.5)
+#: The built-in simulator's account: one pack, drawn down by a unit per task.
+SIMULATOR_PACK_UNITS: Final = 1000.0
 
 _NO_CREDENTIALS: Final = (
     "no credentials: set KLING_API_KEY (a gateway's key), or KLING_ACCESS_KEY and "
@@ -130,7 +132,7 @@ async def open_client(
         ) as client:
             yield client
         return
-    from kling_async.testing import Simulator  # aiohttp.web: only when it is needed
+    from kling_async.testing import SimPack, Simulator  # aiohttp.web: only when needed
 
     if options.poll_interval is None:
         # The simulator's tasks take seconds, not minutes: look as often as it is worth.
@@ -145,6 +147,7 @@ async def open_client(
         processing_time=SIMULATOR_PROCESSING_TIME,
         time_spread=SIMULATOR_TIME_SPREAD,
         state_path=simulator_state,
+        resource_packs=[SimPack(name="Simulated pack", total=SIMULATOR_PACK_UNITS)],
     )
     async with (
         simulator,

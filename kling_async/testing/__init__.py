@@ -37,6 +37,7 @@ from ._models import (
     SimTask,
     SimVideo,
 )
+from ._packs import SimPack
 from ._simulator import Simulator
 from ._store import FAILURE_MESSAGES
 
@@ -49,6 +50,7 @@ __all__ = [
     "FaultTarget",
     "ManualClock",
     "RecordedRequest",
+    "SimPack",
     "SimTask",
     "SimVideo",
     "Simulator",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
 from collections.abc import Callable
 from typing import Literal, Protocol
 
@@ -26,12 +27,16 @@ from ._faults import (
 )
 from ._files import serve_file
 from ._models import Counters, FaultKind, FaultTarget, RecordedRequest, SimTask
+from ._packs import PackLedger
 from ._store import TaskStore
 from ._wire import envelope, int_param, read_create
 
-__all__ = ["API_PATH", "Handlers", "Settings"]
+__all__ = ["API_PATH", "COSTS_PATH", "Handlers", "Settings"]
 
 API_PATH = "/v1/videos/video-extend"
+COSTS_PATH = "/account/costs"
+#: Kling answers one costs query a second; a faster one gets 429, code 1302.
+COSTS_INTERVAL = 1.0
 
 
 class Settings(Protocol):
@@ -62,6 +67,7 @@ class Handlers:
         closing: the event set when the simulator closes (cuts slow answers short).
         on_request: called as every API request arrives (delivers callbacks now due).
         on_created: called with each task created (callbacks, saving the state).
+        packs: the account's resource packs, if any are configured.
     """
 
     def __init__(
@@ -76,6 +82,7 @@ class Handlers:
         closing: Callable[[], asyncio.Event | None],
         on_request: Callable[[], None],
         on_created: Callable[[SimTask], None],
+        packs: PackLedger | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -86,6 +93,8 @@ class Handlers:
         self._closing = closing
         self._on_request = on_request
         self._on_created = on_created
+        self._packs = packs
+        self._last_costs_query: float | None = None
         self._in_flight: dict[int, web.BaseRequest] = {}  # by id(): requests are unhashable
         self._holds: set[asyncio.Task[web.Response | None]] = set()
 
@@ -104,6 +113,8 @@ class Handlers:
             app.router.add_post(root + API_PATH, self._handle_create)
             app.router.add_get(root + API_PATH, self._handle_list)
             app.router.add_get(root + API_PATH + "/{id}", self._handle_get)
+        # The official API's costs: not under a gateway's prefix (gateways lack it).
+        app.router.add_get(COSTS_PATH, self._handle_costs)
         app.router.add_route("*", "/{tail:.*}", self._handle_unknown)
         return app
 
@@ -233,6 +244,9 @@ class Handlers:
         if settings.credit is not None and store.created_total >= settings.credit:
             counters.rejected_1102 += 1
             return envelope(1102)
+        if self._packs is not None and not self._packs.usable(now):
+            counters.rejected_1102 += 1
+            return envelope(1102)
         if settings.running_limit is not None and store.running(now) >= settings.running_limit:
             counters.rejected_1303 += 1
             return envelope(1303)
@@ -286,6 +300,26 @@ class Handlers:
         if task is None:
             return envelope(1203, f"task not found: {key}")
         return envelope(0, data=task.to_json(self._clock()))
+
+    async def _handle_costs(self, request: web.Request) -> web.StreamResponse:
+        counters = self._settings.counters
+        counters.costs_queries += 1
+        rejected = self._authenticate(request)
+        if rejected is not None:
+            return rejected
+        arrived, last = time.monotonic(), self._last_costs_query
+        self._last_costs_query = arrived
+        if last is not None and arrived - last < COSTS_INTERVAL:
+            counters.costs_too_fast += 1
+            return envelope(1302)
+        start = int_param(request.query.get("start_time", ""))
+        end = int_param(request.query.get("end_time", ""))
+        if start is None or end is None or end < start:
+            return envelope(1201, "start_time and end_time must be Unix ms, start <= end")
+        name = request.query.get("resource_pack_name") or None
+        packs, now = self._packs, self._clock()
+        infos = [] if packs is None else packs.infos(now, start / 1000, end / 1000, name)
+        return envelope(0, data={"code": 0, "msg": "", "resource_pack_subscribe_infos": infos})
 
     def _list(self, request: web.Request) -> web.Response:
         rejected = self._authenticate(request)

@@ -123,6 +123,9 @@ class Counters:
         callbacks_failed: callback deliveries that failed (error or non-2xx status).
         callbacks_dropped: callbacks skipped because `Simulator.drop_callbacks` was set.
         faults_injected: faults applied (injected or random).
+        costs_queries: ``GET /account/costs`` requests received.
+        costs_too_fast: costs queries answered 429/1302 because they came less than a
+            second after the previous one (Kling allows one a second).
     """
 
     requests: int = 0
@@ -143,6 +146,8 @@ class Counters:
     callbacks_failed: int = 0
     callbacks_dropped: int = 0
     faults_injected: int = 0
+    costs_queries: int = 0
+    costs_too_fast: int = 0
 
     @property
     def duplicate_external_ids(self) -> dict[str, int]:
@@ -350,7 +355,11 @@ class SimTask:
             "task_info": info,
         }
         if status == SUCCEED:
-            data["task_result"] = {"videos": [self.result_video.to_json()]}
+            video = self.result_video.to_json()
+            watermark = self.request.get("watermark_info")
+            if isinstance(watermark, dict) and watermark.get("enabled") is True:
+                video["watermark_url"] = f"{self.result_video.url}?watermark=1"
+            data["task_result"] = {"videos": [video]}
             data["final_unit_deduction"] = "1"
         elif status == FAILED:
             data["task_result"] = {"videos": []}

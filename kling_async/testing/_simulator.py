@@ -35,6 +35,7 @@ from ._models import (
     SimTask,
     SimVideo,
 )
+from ._packs import PackLedger, SimPack
 from ._runner import call_on_loop, run_in_thread, serve_app, serve_until_signalled, url_host
 from ._state import SavedState, read_state, write_state
 from ._store import TaskStore
@@ -104,6 +105,13 @@ class Simulator:
             is found valid, after the `credit` and `running_limit` checks. Default false:
             every create makes a task, and `counters.duplicate_external_ids` shows which
             ids got more than one.
+        resource_packs: the account's resource packs (`SimPack`), served by
+            ``GET /account/costs`` (at the root only: a gateway-style `prefix` does not
+            offer it) and drawn down by one unit per task that succeeds, from the usable
+            pack that expires first. With packs given, a create when none is usable
+            (online, not run out) answers 429, code 1102. `None` (the default): the
+            costs query answers no packs and creates are not billed. With `state_path`,
+            the packs start from what is given here, less every succeeded task remembered.
 
     Attributes:
         submit_time: see Args (changes apply to tasks created afterwards).
@@ -147,6 +155,7 @@ class Simulator:
         time_spread: float = 0.0,
         state_path: str | os.PathLike[str] | None = None,
         refuse_duplicate_external_ids: bool = False,
+        resource_packs: Sequence[SimPack] | None = None,
     ) -> None:
         if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
             raise ValueError("prefix must be '' or start with '/' and not end with '/'")
@@ -183,6 +192,9 @@ class Simulator:
         self.drop_callbacks = False
         self.refuse_duplicate_external_ids = refuse_duplicate_external_ids
         self.counters: Counters = LiveCounters(self._running_now)
+        self._packs = (
+            None if resource_packs is None else PackLedger(list(resource_packs), self._clock())
+        )
 
         self._store = TaskStore(seed=seed, video_url=self.video_url, clock=self._clock)
         fault_seed = None if seed is None else f"kling-sim-faults-{seed}"
@@ -198,6 +210,7 @@ class Simulator:
             closing=lambda: self._closing,
             on_request=self._deliver_due,
             on_created=self._on_created,
+            packs=self._packs,
         )
 
         self._state: Literal["new", "starting", "started", "closing", "closed"] = "new"
@@ -532,6 +545,8 @@ class Simulator:
         task = self._store.finish(task_id, status, self._clock())
         if task is None:
             return
+        if self._packs is not None:
+            self._packs.track(task)
         if self._callbacks is not None:
             self._callbacks.finish(task)
         self._save()
@@ -539,6 +554,8 @@ class Simulator:
     # -- hooks of the handlers, the clock and the state file ------------------------------
 
     def _on_created(self, task: SimTask) -> None:
+        if self._packs is not None:
+            self._packs.track(task)
         if task.callback_url is not None and self._callbacks is not None:
             self._callbacks.schedule(task)
         self._save()
@@ -564,6 +581,8 @@ class Simulator:
             ) from exc
         by_external = self.counters.creates_by_external_id
         for task in self._store.order:
+            if self._packs is not None:
+                self._packs.track(task)
             if task.external_task_id is not None:
                 by_external[task.external_task_id] = by_external.get(task.external_task_id, 0) + 1
 
