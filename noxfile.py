@@ -113,6 +113,8 @@ def tests_python_backoff(session: nox.Session) -> None:
         "fastapi",
         "httpx",
         "aiogram>=3",
+        "pymdown-extensions",  # tests/test_docs.py renders the pages' includes
+        "pyyaml",
     )
     session.run("python", "-m", "pip", "show", "python-backoff")
     session.run("pytest", "--numprocesses=4", *session.posargs, env=_NO_CREDENTIALS)
