@@ -170,8 +170,10 @@ class RowOutcome:
             text += f", video {self.video_id}"
             if self.duration is not None:
                 text += f" ({self.duration:g} s)"
-        if self.file_note is not None:
-            text += f", saved {self.file_note}"
+        if self.file is not None and self.saved_before:
+            text += f", {self.file} saved by an earlier run"
+        elif self.file is not None:
+            text += f", saved {self.file}"
         if self.problem is not None:
             text += f": {self.problem}"
         return text
