@@ -250,12 +250,9 @@ def _all_imports(path: Path) -> set[str]:
                 continue
             for alias in node.names:  # `from kling_async import _protocol`: a module
                 submodule = f"{module}.{alias.name}"
-                if (PACKAGE.parent / submodule.replace(".", "/")).with_suffix(".py").exists():
-                    found.add(submodule)
-                elif (PACKAGE.parent / submodule.replace(".", "/")).is_dir():
-                    found.add(submodule)
-                else:
-                    found.add(module)
+                where = PACKAGE.parent / submodule.replace(".", "/")
+                is_module = where.with_suffix(".py").exists() or where.is_dir()
+                found.add(submodule if is_module else module)
     return found
 
 
