@@ -232,3 +232,104 @@ def test_without_the_otel_extra_nothing_of_opentelemetry_is_imported() -> None:
     # Installed or not, importing the package and making a client imports none of it.
     unused = ("opentelemetry", "opentelemetry.trace", "opentelemetry.metrics")
     assert _loaded("from kling_async import KlingClient; KlingClient(api_key='k')", unused) == []
+
+
+#: The layers of STYLE.md, lowest first: a module imports (at module level or inside a
+#: function, TYPE_CHECKING aside) only from its own layer or below.
+LAYERS: dict[str, int] = {
+    # 1. protocol: pure rules, no I/O
+    "kling_async.errors": 1,
+    "kling_async._protocol": 1,
+    "kling_async._hooks": 1,
+    "kling_async._deadlines": 1,
+    "kling_async._redis_scripts": 1,
+    # 2. models and the one converter
+    "kling_async._models": 2,
+    "kling_async._converter": 2,
+    "kling_async._types": 2,
+    # 3. transport: configuration, auth, HTTP, telemetry
+    "kling_async._config": 3,
+    "kling_async._auth": 3,
+    "kling_async._transport": 3,
+    "kling_async._telemetry": 3,
+    # 4. create exactly once and wait; slots; callbacks' pure core
+    "kling_async._tasks": 4,
+    "kling_async._account": 4,
+    "kling_async._webhooks": 4,
+    # 5. the client
+    "kling_async._client": 5,
+    # 6. on top: batch and journal, chain, downloads, costs, callbacks, Redis, blocking
+    "kling_async._batch": 6,
+    "kling_async._journal": 6,
+    "kling_async._chain": 6,
+    "kling_async._download": 6,
+    "kling_async._costs": 6,
+    "kling_async.callbacks": 6,
+    "kling_async.redis": 6,
+    "kling_async._sync": 6,
+    "kling_async.testing": 6,
+    # 7. the command line and the package root
+    "kling_async._cli": 7,
+    "kling_async": 7,
+    "kling_async.__main__": 7,
+}
+
+#: Imports that point up on purpose: the client is a facade over what is built on it.
+UPWARD_ALLOWED: set[tuple[str, str]] = {
+    # The version, for the instrumentation scope (read once, on first use).
+    ("kling_async._telemetry", "kling_async"),
+    ("kling_async._client", "kling_async._batch"),
+    ("kling_async._client", "kling_async._chain"),
+    ("kling_async._client", "kling_async._download"),
+    ("kling_async._client", "kling_async._costs"),
+}
+
+
+def _layer(module: str) -> int:
+    while module not in LAYERS:
+        module = module.rpartition(".")[0]  # a subpackage's modules share its layer
+    return LAYERS[module]
+
+
+def _all_imports(path: Path) -> set[str]:
+    """Every package module `path` imports, inside functions too (not TYPE_CHECKING)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skipped = {
+        id(child)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for stmt in node.body
+        for child in ast.walk(stmt)
+    }
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("kling_async"))
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # from a package's __init__, `.` is the package itself
+                level = node.level - (path.name == "__init__.py")
+                base = _module_name(path).rsplit(".", level)[0] if level else _module_name(path)
+                module = f"{base}.{module}" if module else base
+            if not module.startswith("kling_async"):
+                continue
+            for alias in node.names:  # `from kling_async import _protocol`: a module
+                submodule = f"{module}.{alias.name}"
+                where = PACKAGE.parent / submodule.replace(".", "/")
+                is_module = where.with_suffix(".py").exists() or where.is_dir()
+                found.add(submodule if is_module else module)
+    return found
+
+
+def test_imports_point_down_the_layers() -> None:
+    wrong = []
+    for path in PACKAGE.rglob("*.py"):
+        importer = _module_name(path)
+        for imported in _all_imports(path) - {importer}:
+            if imported.startswith(importer + "."):  # a package's own modules
+                continue
+            if _layer(imported) > _layer(importer) and (importer, imported) not in UPWARD_ALLOWED:
+                wrong.append(f"{importer} (layer {_layer(importer)}) imports {imported}")
+    assert not wrong, "\n".join(sorted(wrong))

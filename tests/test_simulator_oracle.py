@@ -3,17 +3,20 @@ creates (a queueing gateway) and answers without data, over real sockets."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from http.client import HTTPConnection
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+import kling_async.testing
 from kling_async import ExtendRequest, KlingClient
 from kling_async.testing import ALL_FAULT_KINDS, FaultKind, ManualClock, Simulator
 
@@ -407,3 +410,186 @@ async def test_new_kinds_are_accepted_by_inject_and_set_fault_rate(
     assert status == 200 and sim.task_by_external_id("rate-held") is not None
     sim.clear_faults()
     assert sim.counters.faults_injected == 4
+
+
+# -- an independent oracle: nothing of the client's wire mapping --------------------------
+
+TESTING_DIR = Path(kling_async.testing.__file__).parent
+TESTING_PACKAGE = "kling_async.testing"
+#: What a simulator module may import of the client: only the test-mode switch reaches in.
+ALLOWED_CLIENT_IMPORTS: dict[str, frozenset[str]] = {
+    "_mode.py": frozenset({"kling_async._protocol"}),
+}
+
+
+def imported_modules(source: str, package: str) -> Iterator[tuple[int, str]]:
+    """(line, module) for every import in `source`, at any depth (functions, classes,
+    `if TYPE_CHECKING:`), relative ones resolved against `package`; `from m import n`
+    gives `m.n` (`n` may be a module), and `importlib.import_module("...")` with a
+    literal counts too."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module or ""
+            for alias in node.names:
+                yield node.lineno, f"{module}.{alias.name}"
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, (ast.Name, ast.Attribute))
+            and (node.func.id if isinstance(node.func, ast.Name) else node.func.attr)
+            in ("import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            yield node.lineno, node.args[0].value
+
+
+def client_imports(source: str, package: str, allowed: frozenset[str] = frozenset()) -> list[str]:
+    """The imports in `source` that reach `kling_async` outside `kling_async.testing`."""
+    found = []
+    for line, module in sorted(imported_modules(source, package)):
+        inside = module == TESTING_PACKAGE or module.startswith(TESTING_PACKAGE + ".")
+        ours = module == "kling_async" or module.startswith("kling_async.")
+        if ours and not inside and module not in allowed:
+            found.append(f"line {line}: {module}")
+    return found
+
+
+def test_the_import_check_sees_every_way_in() -> None:
+    source = """
+from __future__ import annotations
+import json
+from typing import TYPE_CHECKING
+from . import _wire
+from ._models import SimTask
+if TYPE_CHECKING:
+    from kling_async._models import Task
+import kling_async.errors
+from kling_async import _converter
+from .. import _protocol
+def late():
+    from kling_async.testing._store import TaskStore
+    import importlib
+    return importlib.import_module("kling_async._converter")
+"""
+    assert client_imports(source, TESTING_PACKAGE) == [
+        "line 8: kling_async._models.Task",
+        "line 9: kling_async.errors",
+        "line 10: kling_async._converter",
+        "line 11: kling_async._protocol",
+        "line 15: kling_async._converter",
+    ]
+    allowed = frozenset({"kling_async._protocol"})
+    assert client_imports("from kling_async import _protocol", TESTING_PACKAGE, allowed) == []
+
+
+def test_no_simulator_module_imports_the_client() -> None:
+    """The simulator checks the client, so it must not read the wire with the client's
+    own converter, models, protocol or errors: a bug there would pass every test."""
+    modules = sorted(TESTING_DIR.rglob("*.py"))
+    assert {"_create_body.py", "_handlers.py", "_wire.py", "_store.py"} <= {m.name for m in modules}
+    offending = {}
+    for path in modules:
+        relative = path.relative_to(TESTING_DIR)
+        package = ".".join([TESTING_PACKAGE, *relative.parent.parts])
+        allowed = ALLOWED_CLIENT_IMPORTS.get(relative.as_posix(), frozenset())
+        found = client_imports(path.read_text(encoding="utf-8"), package, allowed)
+        if found:
+            offending[relative.as_posix()] = found
+    assert offending == {}
+
+
+#: A create body written by hand, every field by its wire name (not built by the client).
+HAND_WRITTEN_BODY = b"""{
+    "video_id": "743211632612511839",
+    "prompt": "the camera pulls back over the harbour",
+    "negative_prompt": "blur",
+    "cfg_scale": 0.5,
+    "callback_url": "http://127.0.0.1:9/kling/callback",
+    "external_task_id": "hand-written-1",
+    "watermark_info": {"enabled": true},
+    "task_id": "815336423632572487"
+}"""
+
+
+async def post_raw(
+    http: aiohttp.ClientSession, sim: Simulator, body: bytes
+) -> tuple[int, dict[str, Any]]:
+    async with http.post(
+        sim.base_url + PATH,
+        data=body,
+        headers={**headers(sim), "Content-Type": "application/json"},
+    ) as response:
+        return response.status, await response.json()
+
+
+async def test_a_hand_written_body_is_read_by_its_wire_names(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    sim.drop_callbacks = True
+    status, answer = await post_raw(http, sim, HAND_WRITTEN_BODY)
+    assert (status, answer["code"]) == (200, 0), answer
+    task = sim.tasks[answer["data"]["task_id"]]
+    assert task.parent_video.id == "743211632612511839"
+    assert task.external_task_id == "hand-written-1"
+    assert task.callback_url == "http://127.0.0.1:9/kling/callback"
+    assert task.parent_task_id == "815336423632572487"
+    assert task.request["cfg_scale"] == 0.5
+    sim.finish_task(task.task_id)
+    status, seen = await get(http, sim, "hand-written-1")
+    assert status == 200
+    (video,) = seen["data"]["task_result"]["videos"]
+    assert video["watermark_url"]  # watermark_info.enabled was read
+
+    # Empty optional texts mean "not given", as in the endpoint page's own example.
+    body = b'{"video_id": "v1", "prompt": "p", "negative_prompt": "", "callback_url": ""}'
+    status, answer = await post_raw(http, sim, body)
+    assert status == 200, answer
+    assert sim.tasks[answer["data"]["task_id"]].callback_url is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("video_id", b"743211632612511839"),
+        ("prompt", b'["p"]'),
+        ("negative_prompt", b"0"),
+        ("cfg_scale", b'"0.5"'),
+        ("cfg_scale", b"true"),
+        ("callback_url", b"9"),
+        ("external_task_id", b"12"),
+        ("watermark_info", b"true"),
+        ("watermark_info", b'{"enabled": "true"}'),
+        ("task_id", b"815336423632572487"),
+    ],
+)
+async def test_a_hand_written_body_with_a_wrong_type_is_refused_naming_the_field(
+    sim: Simulator, http: aiohttp.ClientSession, field: str, value: bytes
+) -> None:
+    fields = {"video_id": b'"v1"', "prompt": b'"p"', field: value}
+    body = b"{" + b", ".join(b'"%s": %s' % (k.encode(), v) for k, v in fields.items()) + b"}"
+    status, answer = await post_raw(http, sim, body)
+    assert (status, answer["code"], answer["data"]) == (400, 1201, None), answer
+    assert answer["message"].startswith(f"{field}: ")
+    assert sim.counters.tasks_created == 0
+
+
+@pytest.mark.parametrize("name", ["watermark", "parent_task_id", "negativePrompt"])
+async def test_a_body_with_a_name_that_is_not_on_the_wire_is_refused_naming_it(
+    sim: Simulator, http: aiohttp.ClientSession, name: str
+) -> None:
+    # The client's attribute names are not wire names: a mapping that leaked them would
+    # lose the setting at the real service, so the simulator refuses them.
+    body = b'{"video_id": "v1", "prompt": "p", "%s": "x"}' % name.encode()
+    status, answer = await post_raw(http, sim, body)
+    assert (status, answer["code"]) == (400, 1201)
+    assert answer["message"].startswith(f"{name}: unknown field")
+    assert sim.counters.tasks_created == 0

@@ -14,6 +14,7 @@ from aiohttp.typedefs import Handler
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from ._auth import Authenticator
+from ._create_body import read_create
 from ._faults import (
     PRE_FAULTS,
     Fault,
@@ -29,7 +30,7 @@ from ._files import serve_file
 from ._models import Counters, FaultKind, FaultTarget, RecordedRequest, SimTask
 from ._packs import PackLedger
 from ._store import TaskStore
-from ._wire import envelope, int_param, read_create
+from ._wire import envelope, int_param
 
 __all__ = ["API_PATH", "COSTS_PATH", "Handlers", "Settings"]
 

@@ -8,8 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kling_async._models import ExtendRequest
-
+from ._create_body import CreateBody
 from ._models import FAILED, SUCCEED, TERMINAL_STATUSES, SimTask, SimVideo
 
 __all__ = [
@@ -90,7 +89,7 @@ class TaskStore:
 
     def create(
         self,
-        request: ExtendRequest,
+        request: CreateBody,
         payload: dict[str, Any],
         parent: SimVideo,
         now: float,

@@ -1,4 +1,4 @@
-"""Wire-format helpers: the JSON envelope and bearer/JWT checks."""
+"""Wire-format helpers: the JSON envelope, the service's code table and bearer/JWT checks."""
 
 from __future__ import annotations
 
@@ -11,10 +11,6 @@ from typing import Any
 import jwt
 import orjson
 from aiohttp import web
-
-from kling_async._converter import converter
-from kling_async._models import ExtendRequest
-from kling_async.errors import ValidationError
 
 _MISSING = object()
 
@@ -121,19 +117,6 @@ def decode_hs256(token: str, secret: str) -> dict[str, Any] | None:
 def is_number(value: object) -> bool:
     """A JSON number (int or float, not bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def read_create(payload: dict[str, Any]) -> ExtendRequest | str:
-    """The request a create body describes, or the problem with it (naming the field).
-
-    The body is read by the client's own converter, so the simulator accepts exactly
-    the bodies the client's `ExtendRequest` can describe, and names the field otherwise.
-    """
-    try:
-        request: ExtendRequest = converter.structure(payload, ExtendRequest)
-    except ValidationError as error:
-        return str(error)
-    return request
 
 
 def int_param(value: str) -> int | None:
