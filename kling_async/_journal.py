@@ -54,13 +54,8 @@ from kling_async import errors as errors_module
 from kling_async._converter import converter
 from kling_async._models import ExtendRequest, Task
 from kling_async.errors import (
-    APIConnectionError,
-    APIStatusError,
     KlingError,
-    ResponseFormatError,
-    TaskFailedError,
     ValidationError,
-    WaitTimeoutError,
 )
 
 T = TypeVar("T")
@@ -94,75 +89,33 @@ def fingerprint(request: ExtendRequest) -> str:
 
 
 def encode_error(error: KlingError) -> str:
-    """An error as JSON: its class and the context needed to rebuild it."""
-    document: dict[str, Any] = {"type": type(error).__name__, "message": str(error)}
-    if isinstance(error, APIStatusError):
-        document.update(
-            message=error.message,
-            status=error.status,
-            code=error.code,
-            request_id=error.request_id,
-            retry_after=error.retry_after,
-        )
-    elif isinstance(error, APIConnectionError):
-        prefix = f"{error.method} {error.path}: " if error.method else ""
-        document.update(
-            message=str(error).removeprefix(prefix),
-            method=error.method,
-            path=error.path,
-            sent=error.sent,
-        )
-    elif isinstance(error, ValidationError):
-        document.update(field=error.field, rule=error.rule, value_type=error.value_type)
-    elif isinstance(error, TaskFailedError):
-        document["task"] = converter.unstructure(error.task)
-        document["steps"] = [converter.unstructure(step) for step in error.steps]
-    elif isinstance(error, WaitTimeoutError):
-        document.update(task=converter.unstructure(error.task), timeout=error.timeout)
-    elif isinstance(error, ResponseFormatError):
-        where = f" at {error.path}" if error.path else ""
-        document.update(
-            message=str(error).removesuffix(where), path=error.path, status=error.status
-        )
+    """An error as JSON: its class, its message and its `KlingError.parts`."""
+    message, parts = error.parts()
+    document: dict[str, Any] = {"type": type(error).__name__, "message": message}
+    for key, value in parts.items():  # tasks are kept as the converter writes them
+        if key == "task":
+            value = converter.unstructure(value)
+        elif key == "steps":
+            value = [converter.unstructure(step) for step in value]
+        document[key] = value
     return orjson.dumps(document).decode()
 
 
 def decode_error(text: str) -> KlingError:
     """Rebuild an error stored by `encode_error` (an unknown kind becomes a `KlingError`)."""
     document = orjson.loads(text)
-    cls = getattr(errors_module, str(document.get("type", "")), None)
-    message = str(document.get("message", ""))
+    cls = getattr(errors_module, str(document.pop("type", "")), None)
+    message = str(document.pop("message", ""))
     if not (isinstance(cls, type) and issubclass(cls, KlingError)):
         return KlingError(message)
-    if issubclass(cls, APIStatusError):
-        return cls(
-            message,
-            status=document["status"],
-            code=document.get("code"),
-            request_id=document.get("request_id"),
-            retry_after=document.get("retry_after"),
-        )
-    if issubclass(cls, APIConnectionError):
-        return cls(
-            message,
-            method=document.get("method", ""),
-            path=document.get("path", ""),
-            sent=document.get("sent", True),
-        )
-    if issubclass(cls, ValidationError):
-        error = cls(document["field"], document["rule"])
-        # The text as it was, "(got <kind>)" included: the value itself was never kept.
-        error.value_type = document.get("value_type")
-        error.args = (message,)
-        return error
-    if issubclass(cls, TaskFailedError):
-        steps = tuple(converter.structure(step, Task) for step in document.get("steps", ()))
-        return cls(converter.structure(document["task"], Task), steps)
-    if issubclass(cls, WaitTimeoutError):
-        return cls(converter.structure(document["task"], Task), document["timeout"])
-    if issubclass(cls, ResponseFormatError):
-        return cls(message, path=document.get("path"), status=document.get("status"))
-    return cls(message)
+    if "task" in document:
+        document["task"] = converter.structure(document["task"], Task)
+    if "steps" in document:
+        document["steps"] = tuple(converter.structure(step, Task) for step in document["steps"])
+    try:
+        return cls.rebuild(message, document)
+    except (TypeError, KeyError):  # written by another version: keep what it says
+        return KlingError(message)
 
 
 @attrs.frozen

@@ -81,6 +81,28 @@ def _shown(value: object) -> str:
 class KlingError(Exception):
     """Base class of every error raised by kling_async."""
 
+    def parts(self) -> tuple[str, dict[str, Any]]:
+        """The message and the keyword arguments that rebuild this error with `rebuild`.
+
+        The one description of an error's context: pickling (`__reduce__`), the batch
+        journal and the command line's JSON all use it. Values are plain data, but for
+        `TaskFailedError` and `WaitTimeoutError`, whose ``task`` (and ``steps``) are
+        `Task` objects. Never a credential.
+        """
+        return str(self), {}
+
+    @classmethod
+    def rebuild(cls, message: str, parts: dict[str, Any]) -> KlingError:
+        """The error `parts` describes (see there)."""
+        return cls(message, **parts)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), *self.parts()))
+
+
+def _rebuild(cls: type[KlingError], message: str, parts: dict[str, Any]) -> KlingError:
+    return cls.rebuild(message, parts)
+
 
 class ConfigurationError(KlingError):
     """The client was configured in a way that cannot work (raised at construction)."""
@@ -97,18 +119,16 @@ class ValidationError(KlingError, ValueError):
         got = "" if value is _NO_VALUE else f" (got {_shown(value)})"
         super().__init__(f"{field}: {rule}{got}")
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_validation_error, (self.field, self.rule, self.value_type, self.args))
+    def parts(self) -> tuple[str, dict[str, Any]]:
+        # The text as it was, "(got ...)" included: the value itself is never kept.
+        return str(self), {"field": self.field, "rule": self.rule, "value_type": self.value_type}
 
-
-def _rebuild_validation_error(
-    field: str, rule: str, value_type: str | None, args: tuple[Any, ...] = ()
-) -> ValidationError:
-    error = ValidationError(field, rule)
-    error.value_type = value_type
-    if args:
-        error.args = args
-    return error
+    @classmethod
+    def rebuild(cls, message: str, parts: dict[str, Any]) -> KlingError:
+        error = cls(parts["field"], parts["rule"])
+        error.value_type = parts.get("value_type")
+        error.args = (message,)
+        return error
 
 
 class APIConnectionError(KlingError):
@@ -124,7 +144,11 @@ class APIConnectionError(KlingError):
         self.method = method
         self.path = path
         self.sent = sent
+        self._message = message
         super().__init__(f"{method} {path}: {message}" if method else message)
+
+    def parts(self) -> tuple[str, dict[str, Any]]:
+        return self._message, {"method": self.method, "path": self.path, "sent": self.sent}
 
 
 class APITimeoutError(APIConnectionError):
@@ -141,8 +165,12 @@ class ResponseFormatError(KlingError):
     def __init__(self, message: str, *, path: str | None = None, status: int | None = None) -> None:
         self.path = path
         self.status = status
+        self._message = message
         where = f" at {path}" if path else ""
         super().__init__(f"{message}{where}")
+
+    def parts(self) -> tuple[str, dict[str, Any]]:
+        return self._message, {"path": self.path, "status": self.status}
 
 
 class APIStatusError(KlingError):
@@ -171,22 +199,13 @@ class APIStatusError(KlingError):
             text += f" (request_id={request_id})"
         super().__init__(text)
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (
-            _rebuild_status_error,
-            (type(self), self.message, self.status, self.code, self.request_id, self.retry_after),
-        )
-
-
-def _rebuild_status_error(
-    cls: type[APIStatusError],
-    message: str,
-    status: int,
-    code: int | None,
-    request_id: str | None,
-    retry_after: float | None,
-) -> APIStatusError:
-    return cls(message, status=status, code=code, request_id=request_id, retry_after=retry_after)
+    def parts(self) -> tuple[str, dict[str, Any]]:
+        return self.message, {
+            "status": self.status,
+            "code": self.code,
+            "request_id": self.request_id,
+            "retry_after": self.retry_after,
+        }
 
 
 class AuthenticationError(APIStatusError):
@@ -232,8 +251,12 @@ class TaskFailedError(KlingError):
         reason = task.status_message or "no reason given"
         super().__init__(f"task {task.task_id} failed: {reason}")
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.task, self.steps))
+    def parts(self) -> tuple[str, dict[str, Any]]:
+        return str(self), {"task": self.task, "steps": self.steps}
+
+    @classmethod
+    def rebuild(cls, message: str, parts: dict[str, Any]) -> KlingError:
+        return cls(parts["task"], tuple(parts.get("steps", ())))
 
 
 class WaitTimeoutError(KlingError):
@@ -246,8 +269,12 @@ class WaitTimeoutError(KlingError):
             f"task {task.task_id} still {task.raw_status or task.status.value} after {timeout:g} s"
         )
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.task, self.timeout))
+    def parts(self) -> tuple[str, dict[str, Any]]:
+        return str(self), {"task": self.task, "timeout": self.timeout}
+
+    @classmethod
+    def rebuild(cls, message: str, parts: dict[str, Any]) -> KlingError:
+        return cls(parts["task"], parts["timeout"])
 
 
 class InvalidSignatureError(KlingError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import pickle
 import sqlite3
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
@@ -162,6 +163,8 @@ async def test_every_error_kind_survives_the_file(tmp_path: Path, error: KlingEr
     assert row is not None
     assert (row.index, row.state, row.task, row.fingerprint) == (7, FINISHED, RUNNING, "fp-7")
     assert_same_error(row.error, error)
+    # Pickling (a process pool, a job queue) describes errors the same way: `parts`.
+    assert_same_error(pickle.loads(pickle.dumps(error)), error)
 
 
 @settings(max_examples=200)

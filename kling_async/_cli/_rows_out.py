@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Final, Literal
 
 import attrs
 import orjson
@@ -22,7 +22,7 @@ from rich.text import Text
 
 from kling_async._converter import converter
 from kling_async._models import ResourcePack, Task, TaskStatus
-from kling_async.errors import APIStatusError, ValidationError
+from kling_async.errors import KlingError
 
 #: Width of tables written to a file or a pipe.
 _WIDE = 200
@@ -222,6 +222,10 @@ def stdout_console_wrapping() -> Console:
     return Console(highlight=False)
 
 
+#: What the command line's JSON shows of an error's `KlingError.parts`.
+_SHOWN_PARTS: Final = ("field", "rule", "status", "code", "request_id")
+
+
 def error_document(
     error: BaseException, *, row: int | None = None, context: str = ""
 ) -> dict[str, Any]:
@@ -234,10 +238,9 @@ def error_document(
         "type": type(error).__name__,
         "message": f"{prefix}{context}{error}",
     }
-    if isinstance(error, ValidationError):
-        document.update(field=error.field, rule=error.rule)
-    elif isinstance(error, APIStatusError):
-        document.update(status=error.status, code=error.code, request_id=error.request_id)
+    if isinstance(error, KlingError):
+        _, parts = error.parts()
+        document.update((key, parts[key]) for key in _SHOWN_PARTS if key in parts)
     elif isinstance(error, OSError) and error.filename is not None:
         document.update(file=str(error.filename))
     return document
