@@ -35,6 +35,7 @@ from kling_async._models import (
     ResourcePack,
     Task,
     Video,
+    default_poll,
 )
 from kling_async._tasks import Tasks
 from kling_async._transport import Transport
@@ -119,7 +120,7 @@ class KlingClient:
                 "account must be an InMemoryAccount, a kling_async.redis.RedisAccount or "
                 "another kling_async Account"
             )
-        self.poll = poll or PollPolicy()
+        self.poll = poll or default_poll()
         #: Where the account's running-task slots are kept (None: not tracked).
         self.account = account
         self._auth_kind = auth.kind

@@ -285,6 +285,21 @@ class PollPolicy:
     jitter: float = attrs.field(default=0.1, validator=_check_jitter)
 
 
+#: The poll policy of a client given none; `kling_async.testing.set_testing` swaps in a
+#: faster one while test mode is on.
+_DEFAULT_POLL = [PollPolicy()]
+
+
+def default_poll() -> PollPolicy:
+    """The poll policy a client uses when it is given none."""
+    return _DEFAULT_POLL[0]
+
+
+def set_default_poll(policy: PollPolicy) -> None:
+    """Change `default_poll` (the test mode does)."""
+    _DEFAULT_POLL[0] = policy
+
+
 @attrs.frozen
 class BatchProgress:
     """A snapshot of a running batch, handed to `extend_many`'s `on_progress`."""

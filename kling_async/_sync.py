@@ -209,16 +209,25 @@ class SyncKlingClient:
             task.add_done_callback(lambda _: done.set())
             started.append(task)
 
+        def cancel() -> None:
+            # Runs after `start` if that was queued (the loop's callbacks are first in,
+            # first out); if the interrupt came before it was, nothing ever started.
+            if started:
+                started[0].cancel()
+            else:
+                coroutine.close()
+                done.set()
+
         try:
-            self._loop.call_soon_threadsafe(start)
-        except RuntimeError:  # closed by another thread meanwhile
-            coroutine.close()
-            raise RuntimeError(_CLOSED) from None
-        try:
+            try:
+                self._loop.call_soon_threadsafe(start)
+            except RuntimeError:  # closed by another thread meanwhile
+                coroutine.close()
+                raise RuntimeError(_CLOSED) from None
             done.wait()
         except KeyboardInterrupt as interrupt:
-            # Runs after `start` (the loop's callbacks are first in, first out).
-            self._loop.call_soon_threadsafe(lambda: started[0].cancel())
+            # Wherever it lands (waiting, or still handing the call to the loop).
+            self._loop.call_soon_threadsafe(cancel)
             done.wait()  # a second Ctrl-C stops waiting for the cancellation
             _report_interrupt(interrupt, going_on())
             raise
@@ -255,8 +264,12 @@ class SyncKlingClient:
                     self._run(generator.aclose())
                 left = going_on()
                 if left:
-                    logger.info(
-                        "left the iteration early; these tasks go on at Kling: %s",
+                    # Billed tasks the caller no longer watches (a `break`, an error, or a
+                    # Ctrl-C that landed in the loop's body, between two items).
+                    logger.warning(
+                        "left the iteration early: %d task(s) go on at Kling: %s "
+                        "(wait for one with wait_for_task(task_id))",
+                        len(left),
                         ", ".join(left),
                     )
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from kling_async import _protocol
+from kling_async import _models, _protocol
 
 __all__ = ["set_testing"]
 
 #: How long "no such task" takes to become proof in test mode (see `set_testing`).
 TESTING_ABSENCE_SETTLE = 0.1
+#: How a client given no `poll` polls in test mode: first after 0.05 s, then at most
+#: every 0.25 s (the simulator's tasks take a fraction of a second).
+TESTING_POLL = _models.PollPolicy(initial=0.05, factor=1.5, max_interval=0.25)
 
 
 def set_testing(testing: bool, *, absence_settle: float = TESTING_ABSENCE_SETTLE) -> None:
@@ -18,7 +21,9 @@ def set_testing(testing: bool, *, absence_settle: float = TESTING_ABSENCE_SETTLE
     failed request can no longer arrive: `kling_async._protocol.ABSENCE_SETTLE` seconds
     (10) after the failure. Against the simulator, which never delivers a request late
     unless told to (the ``"hold"`` fault), that wait only slows tests down: test mode
-    shortens it to `absence_settle` seconds. Everything else behaves as in production.
+    shortens it to `absence_settle` seconds. A client given no `poll` polls as
+    `TESTING_POLL` does (first after 0.05 s, not 2 s). Everything else behaves as in
+    production; a client given its own `poll` keeps it.
 
     Args:
         testing: True to switch test mode on, False to go back to the production values.
@@ -27,3 +32,4 @@ def set_testing(testing: bool, *, absence_settle: float = TESTING_ABSENCE_SETTLE
     if absence_settle < 0:
         raise ValueError("absence_settle must not be negative")
     _protocol.set_absence_settle(absence_settle if testing else _protocol.ABSENCE_SETTLE)
+    _models.set_default_poll(TESTING_POLL if testing else _models.PollPolicy())
