@@ -29,7 +29,7 @@ from typing import Any, Final, cast
 
 import attrs
 
-from kling_async import _protocol
+from kling_async import _protocol, _telemetry
 from kling_async._account import Account, InMemoryAccount
 from kling_async._config import is_int_in
 from kling_async._hooks import call_back
@@ -213,6 +213,9 @@ class Batch:
             if isinstance(submitted, BatchResult):
                 return submitted
             item.task = submitted
+        elif item.trace is not None and _telemetry.AVAILABLE:
+            # Resumed: this run's spans link back to the run that created the task.
+            _telemetry.link_back(item.trace, "kling resume", {"kling.task_id": item.task.task_id})
         if not self._wait:
             return BatchResult(index=index, request=item.request, task=item.task)
         return await self._wait_for(item, item.task)
@@ -242,7 +245,8 @@ class Batch:
         self.submitted += 1
         if self._on_update is not None:
             await call_back(self._on_update, item.index, task)
-        await item.record(SUBMITTED, task)
+        trace = _telemetry.created_traceparent() if _telemetry.AVAILABLE else None
+        await item.record(SUBMITTED, task, trace=trace)
         if not self._wait and self._own_account:
             # Nobody will watch this task: the batch's private slots count only the
             # creates in flight. A shared account keeps it until it is seen finished
@@ -305,6 +309,8 @@ class _Item:
     done: BatchResult | None = None
     #: Look the task up by its external id before the first POST: see `Tasks.create`.
     look_up_first: bool | None = None
+    #: The trace context of the create that made its task, in an earlier run.
+    trace: str | None = None
 
     @classmethod
     async def resume(cls, journal: Journal | None, index: int, request: ExtendRequest) -> _Item:
@@ -336,6 +342,7 @@ class _Item:
                 item.done = item.result(task=row.task, error=row.error)
             elif row.state == SUBMITTED:
                 item.task = row.task
+                item.trace = row.trace
         return item
 
     def result(self, *, task: Task | None = None, error: KlingError | None = None) -> BatchResult:
@@ -347,7 +354,12 @@ class _Item:
             await self.record(PENDING)
 
     async def record(
-        self, state: str, task: Task | None = None, error: KlingError | None = None
+        self,
+        state: str,
+        task: Task | None = None,
+        error: KlingError | None = None,
+        *,
+        trace: str | None = None,
     ) -> None:
         if self.journal is None:
             return
@@ -359,6 +371,7 @@ class _Item:
             state=state,
             task=task,
             error=error,
+            trace=trace,
         )
         self.known = True
 

@@ -77,7 +77,8 @@ _SCHEMA: Final = (
         state TEXT NOT NULL,
         task TEXT,
         error TEXT,
-        updated_at REAL NOT NULL
+        updated_at REAL NOT NULL,
+        trace TEXT
     )""",
 )
 
@@ -126,6 +127,8 @@ class JournalRow:
     state: str
     task: Task | None
     error: KlingError | None
+    #: The W3C ``traceparent`` of the create that made the task (telemetry on), or None.
+    trace: str | None = None
 
 
 class Journal:
@@ -222,7 +225,7 @@ class Journal:
         """The row of item `index`, if the journal has one."""
         row = await self._run(
             lambda db: db.execute(
-                "SELECT idx, fingerprint, external_task_id, state, task, error "
+                "SELECT idx, fingerprint, external_task_id, state, task, error, trace "
                 "FROM items WHERE idx = ?",
                 (index,),
             ).fetchone()
@@ -236,6 +239,7 @@ class Journal:
             state=row[3],
             task=converter.structure(orjson.loads(row[4]), Task) if row[4] else None,
             error=decode_error(row[5]) if row[5] else None,
+            trace=row[6],
         )
 
     async def record(
@@ -247,8 +251,13 @@ class Journal:
         state: str,
         task: Task | None = None,
         error: KlingError | None = None,
+        trace: str | None = None,
     ) -> None:
-        """Write item `index`'s state; returns once it is committed."""
+        """Write item `index`'s state; returns once it is committed.
+
+        `trace` (a W3C ``traceparent``) is kept from the write that gives one on, so a
+        resumed run can link its spans to the run that created the task.
+        """
         values = (
             index,
             fingerprint,
@@ -257,12 +266,18 @@ class Journal:
             orjson.dumps(converter.unstructure(task)).decode() if task is not None else None,
             encode_error(error) if error is not None else None,
             time.time(),
+            trace,
         )
         await self._run(
             lambda db: db.execute(
-                "INSERT OR REPLACE INTO items "
-                "(idx, fingerprint, external_task_id, state, task, error, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO items "
+                "(idx, fingerprint, external_task_id, state, task, error, updated_at, trace) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (idx) DO UPDATE SET "
+                "fingerprint = excluded.fingerprint, "
+                "external_task_id = excluded.external_task_id, state = excluded.state, "
+                "task = excluded.task, error = excluded.error, "
+                "updated_at = excluded.updated_at, "
+                "trace = coalesce(excluded.trace, items.trace)",
                 values,
             )
         )
@@ -390,6 +405,9 @@ def _check_or_create(connection: sqlite3.Connection, path: Path, service: str) -
             f"{path} was written against {recorded}, this client talks to {service}; "
             "use a new journal or the same service",
         )
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(items)")}
+    if "trace" not in columns:  # written before journals kept each item's trace context
+        connection.execute("ALTER TABLE items ADD COLUMN trace TEXT")
     return meta["batch_id"], False
 
 

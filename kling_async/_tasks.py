@@ -265,6 +265,7 @@ class Tasks:
         with report:
             task = await self.create_once(request, **options)
             report.task(task)
+        _telemetry.note_created(report)
         _telemetry.task_created(task)
         return task
 

@@ -23,6 +23,7 @@ The base URL never carries credentials (the configuration refuses ``user:pass@``
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
 import os
 import sys
@@ -322,6 +323,43 @@ def current_context() -> Any:
         return None
     context = _state.trace.get_current_span().get_span_context()
     return context if context.is_valid else None
+
+
+#: The ``traceparent`` of the last ``kling extend`` span that made a task in this
+#: context (a batch item's), for the journal.
+_CREATED: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "kling_created_trace", default=None
+)
+
+
+def note_created(operation: Operation) -> None:
+    """Remember the create span that made a task, as a W3C ``traceparent``."""
+    context = operation.span.get_span_context()
+    if context.is_valid:
+        _CREATED.set(f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}")
+
+
+def created_traceparent() -> str | None:
+    """The ``traceparent`` of the create that made this context's last task, if any."""
+    return _CREATED.get()
+
+
+def link_back(traceparent: str, name: str, attributes: dict[str, Any]) -> None:
+    """Record span `name` linked to a span of an earlier run, given its ``traceparent``."""
+    if tracer() is None:
+        return
+    try:
+        _, trace_id, span_id, flags = traceparent.split("-")
+        context = _state.trace.SpanContext(
+            int(trace_id, 16),
+            int(span_id, 16),
+            is_remote=True,
+            trace_flags=_state.trace.TraceFlags(int(flags, 16)),
+        )
+    except ValueError:  # not a traceparent: nothing to link to
+        return
+    if context.is_valid:
+        linked_span(name, context, attributes)
 
 
 def linked_span(name: str, link_to: Any, attributes: dict[str, Any]) -> None:

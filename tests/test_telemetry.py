@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -215,3 +216,27 @@ async def test_the_callback_that_finished_a_task_links_to_its_wait(
     finishing = [s for s in callbacks if s.attributes["kling.task.status"] == "succeed"]
     assert finishing and finishing[0].attributes["kling.task_id"] == done.task_id
     assert [link.context for link in finishing[0].links] == [wait.context]
+
+
+async def test_a_resumed_batch_links_back_to_the_run_that_created_its_tasks(
+    spans: InMemorySpanExporter, tmp_path: Path
+) -> None:
+    journal = tmp_path / "traced.journal"
+    requests = [ExtendRequest(VIDEO, PROMPT) for _ in range(3)]
+    async with (
+        Simulator(submit_time=0.01, processing_time=0.2) as sim,
+        KlingClient(api_key=sim.api_key, base_url=sim.base_url, poll=POLL) as kling,
+    ):
+        _SECRETS.add(str(sim.api_key))
+        first = [r async for r in kling.extend_many(requests, wait=False, journal=journal)]
+        created = {
+            (span.context.trace_id, span.context.span_id) for span in _named(spans, "kling extend")
+        }
+        # The run is over (a crash, say); a new run finishes the batch from the journal.
+        again = [r async for r in kling.extend_many(requests, journal=journal)]
+    assert all(result.ok for result in first + again)
+    assert sim.counters.tasks_created == 3
+    resumes = _named(spans, "kling resume")
+    assert len(resumes) == 3
+    links = {(link.context.trace_id, link.context.span_id) for s in resumes for link in s.links}
+    assert links == created and len(created) == 3
