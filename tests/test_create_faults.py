@@ -134,7 +134,7 @@ async def test_the_services_duplicate_refusal_answers_with_the_existing_task(
     async with client(sim, timeout=0.5) as kling:
         task = await kling.extend(request("held-1"))
     await asyncio.sleep(0)  # the held request may still be processed after us
-    for _ in range(100):
+    for _ in range(600):  # up to 30 s: a bound only a hang reaches
         if sim.counters.creates >= 2 and not sim.pending_faults:
             break
         await asyncio.sleep(0.05)
