@@ -57,13 +57,18 @@ class Costs:
         return parse_resource_packs(data)
 
     async def _send_spaced(self, method: str, path: str) -> tuple[Any, str | None]:
-        # Every try (a retry too) is a query: each waits out the second since the last.
+        # Every try (a retry too) is a query: each waits out the second since the last
+        # one's *answer* (or failure). The service counts arrivals: the last query
+        # arrived before it was answered, so this spacing holds there too, however
+        # long a request spent on the way (a send-to-send spacing would not).
         if self._last_sent is not None:
             wait = self._last_sent + _protocol.COSTS_MIN_INTERVAL - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-        self._last_sent = time.monotonic()
-        return await self._transport.send(method, path)
+        try:
+            return await self._transport.send(method, path)
+        finally:
+            self._last_sent = time.monotonic()
 
 
 def _millis(moment: datetime) -> int:
