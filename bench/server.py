@@ -41,8 +41,9 @@ def simulator_process(
             line = process.stdout.readline()
             if not line:
                 raise RuntimeError("the simulator did not start")
-            key, _, value = line.strip().removeprefix("export ").partition("=")
-            values[key] = value
+            for pair in line.strip().removeprefix("export ").split():
+                key, _, value = pair.partition("=")
+                values[key] = value
         yield values["KLING_BASE_URL"], values["KLING_API_KEY"]
     finally:
         process.terminate()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -276,3 +277,32 @@ def test_every_public_wait_defaults_to_the_one_wait_timeout() -> None:
         SyncKlingClient.extend_and_wait,
     ):
         assert inspect.signature(method).parameters["timeout"].default == WAIT_TIMEOUT, method
+
+
+async def test_a_job_run_again_through_a_redis_account_finds_the_first_task(
+    sim: Simulator, redis_url: str
+) -> None:
+    """As above, with the account in Redis: the first run's ambiguous end is recorded
+    with the id's claim, and the run again (here: a new client and account, as another
+    worker process would have) looks the id up and returns the first task."""
+    from kling_async.redis import RedisAccount
+
+    name = f"rerun-{uuid.uuid4().hex[:8]}"
+    sim.inject("drop_after", on="create")
+    sim.inject("500", on="get", times=50)
+    first_account = RedisAccount(redis_url, name=name, max_running=2, lease=1.0)
+    try:
+        async with client(sim, max_retries=2, account=first_account) as kling:
+            with pytest.raises(KlingError):
+                await kling.extend(request("redis-job-1"))
+    finally:
+        await first_account.aclose()
+    sim.clear_faults()
+    second_account = RedisAccount(redis_url, name=name, max_running=2, lease=1.0)
+    try:
+        async with client(sim, account=second_account) as kling:
+            again = await kling.extend(request("redis-job-1"))
+    finally:
+        await second_account.aclose()
+    assert sim.counters.creates_by_external_id == {"redis-job-1": 1}
+    assert again.task_id == sim.task_by_external_id("redis-job-1").task_id  # type: ignore[union-attr]

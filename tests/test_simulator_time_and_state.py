@@ -425,9 +425,10 @@ async def _serve_once(http: aiohttp.ClientSession, state: Path, args: list[str])
         assert process.stdout is not None
         lines = [
             (await asyncio.wait_for(process.stdout.readline(), 10)).decode().strip()
-            for _ in range(3)
+            for _ in range(2)
         ]
-        settings = dict(line.split("=", 1) for line in lines)
+        pairs = [pair for line in lines for pair in line.removeprefix("export ").split()]
+        settings = dict(pair.split("=", 1) for pair in pairs)
         headers = {"Authorization": "Bearer sim-api-key"}
         url = settings["KLING_BASE_URL"] + PATH
         async with http.post(

@@ -8,7 +8,6 @@ what it runs on (the client, rich) when it runs, so ``--help`` stays quick.
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 from collections.abc import Callable
@@ -338,36 +337,20 @@ def credits(as_json: bool, client: ClientOptions) -> None:
     _run(client, body)
 
 
-@cli.command(short_help="Serve the simulator in the foreground.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=8765,
-    show_default=True,
-    help="Port of the API (0: any free port).",
+@cli.command(
+    short_help="Serve the simulator in the foreground.",
+    add_help_option=False,
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
 )
-@click.option(
-    "--processing-time",
-    type=click.FloatRange(min=0),
-    default=3.0,
-    show_default=True,
-    metavar="SECONDS",
-    help="How long each task processes.",
-)
-@click.option(
-    "--failure-rate",
-    type=click.FloatRange(0, 1),
-    default=0.0,
-    show_default=True,
-    help="Fraction of tasks that end failed.",
-)
-def simulate(host: str, port: int, processing_time: float, failure_rate: float) -> None:
+@click.argument("options", nargs=-1, type=click.UNPROCESSED)
+def simulate(options: tuple[str, ...]) -> None:
     """Serve a simulator of Kling's video-extend API until Ctrl-C.
 
-    Prints an "export KLING_BASE_URL=... KLING_API_KEY=..." line: paste it into your
-    shell (the key is the simulator's own, not a secret) and every command talks to
-    the simulator.
+    The same program as ``python -m kling_async.testing``, with the same options and
+    defaults (``kling-async simulate --help`` lists them: port, task times, failure
+    rate, running limit, credit, webhook secret, a state file...). It prints an "export
+    KLING_BASE_URL=... KLING_API_KEY=..." line: paste it into your shell (the key is
+    the simulator's own, not a secret) and every command talks to the simulator.
 
     \b
     Example:
@@ -375,42 +358,9 @@ def simulate(host: str, port: int, processing_time: float, failure_rate: float) 
       export KLING_BASE_URL=http://127.0.0.1:8765 KLING_API_KEY=sim-api-key
       kling-async extend 828006748715380777 "the sun sets" --wait
     """
-    from kling_async._cli._runtime import (
-        EXIT_INTERRUPTED,
-        EXIT_OK,
-        EXIT_USAGE,
-        CommandError,
-        run_async,
-    )
-    from kling_async.testing import Simulator
+    from kling_async.testing.__main__ import main
 
-    def announce(simulator: Simulator) -> None:
-        # One line a shell can run as it is: pasted, every command talks to the simulator.
-        click.echo(f"export KLING_BASE_URL={simulator.base_url} KLING_API_KEY={simulator.api_key}")
-        click.echo("Serving the simulator; press Ctrl-C to stop.", err=True)
-
-    async def serve() -> int:
-        simulator = Simulator(
-            host=host,
-            port=port,
-            submit_time=0.5,
-            processing_time=processing_time,
-            failure_rate=failure_rate,
-        )
-        try:
-            await simulator.serve_until_signalled(announce)
-        except OSError as error:
-            if error.errno != errno.EADDRINUSE:
-                raise
-            raise CommandError(
-                f"port {port} on {host} is in use: pick another with --port, or --port 0 "
-                "for any free one (the export line then names it)",
-                EXIT_USAGE,
-            ) from None
-        return EXIT_OK
-
-    code = run_async(serve)
-    _finish(EXIT_OK if code == EXIT_INTERRUPTED else code)
+    _finish(main(list(options), prog="kling-async simulate"))
 
 
 cli.add_command(batch)

@@ -1,7 +1,10 @@
 """Serve the simulator in the foreground: `python -m kling_async.testing --port 8765`.
 
-Prints `KLING_BASE_URL=...`, `KLING_API_KEY=...` and `KLING_FILES_URL=...` (one line
-each, flushed) once listening, then serves until Ctrl-C or SIGTERM.
+The one entry point of the stand-alone simulator: ``kling-async simulate`` runs this too,
+with the same options and defaults. Once listening it prints, flushed, a line a shell can
+run as it is, ``export KLING_BASE_URL=... KLING_API_KEY=...`` (pasted, every client and
+command talks to the simulator), then ``export KLING_FILES_URL=...``, and serves until
+Ctrl-C or SIGTERM (exit 0). A port in use is said so (exit 2).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import sys
 from collections.abc import Sequence
 
@@ -17,10 +21,14 @@ from ._simulator import Simulator
 __all__ = ["main"]
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m kling_async.testing",
-        description="Serve a simulator of Kling's video-extend API.",
+        prog=prog,
+        description="Serve a simulator of Kling's video-extend API until Ctrl-C.",
+        epilog=(
+            "example: %(prog)s --port 8765 & then paste the export line it prints, and "
+            "every kling-async command and KlingClient() talks to the simulator"
+        ),
     )
     add = parser.add_argument
     add("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
@@ -49,9 +57,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _announce(simulator: Simulator) -> None:
-    print(f"KLING_BASE_URL={simulator.base_url}", flush=True)
-    print(f"KLING_API_KEY={simulator.api_key or ''}", flush=True)
-    print(f"KLING_FILES_URL={simulator.files_base_url}", flush=True)
+    # One line a shell can run as it is (the key is the simulator's own, not a secret).
+    print(
+        f"export KLING_BASE_URL={simulator.base_url} KLING_API_KEY={simulator.api_key or ''}",
+        flush=True,
+    )
+    print(f"export KLING_FILES_URL={simulator.files_base_url}", flush=True)
+    print("Serving the simulator; press Ctrl-C to stop.", file=sys.stderr, flush=True)
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -77,9 +89,9 @@ async def _serve(args: argparse.Namespace) -> None:
     await simulator.serve_until_signalled(_announce)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, prog: str = "python -m kling_async.testing") -> int:
     """Parse `argv`, serve until interrupted, and return the exit status."""
-    parser = _parser()
+    parser = _parser(prog)
     args = parser.parse_args(argv)
     if not 0.0 <= args.time_spread < 1.0:
         parser.error("--time-spread must be in [0, 1)")
@@ -88,6 +100,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             asyncio.run(_serve(args))
     except ValueError as exc:  # an unreadable --state file
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno != errno.EADDRINUSE:
+            raise
+        print(
+            f"error: port {args.port} on {args.host} is in use: pick another with --port, "
+            "or --port 0 for any free one (the export line then names it)",
+            file=sys.stderr,
+        )
         return 2
     return 0
 
