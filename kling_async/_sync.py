@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 import weakref
@@ -33,7 +34,7 @@ from collections.abc import (
 )
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from kling_async._client import KlingClient
 from kling_async._models import BatchResult, ExtendRequest, ResourcePack, Task, Video
@@ -52,8 +53,17 @@ logger = logging.getLogger("kling_async")
 _CLOSED = "this SyncKlingClient is closed; create a new one"
 
 
+#: How often a caller waiting for the facade's loop lets pending signal handlers run.
+_WAKE: Final = 0.1
+
+
 def _serve(loop: asyncio.AbstractEventLoop, ready: threading.Event) -> None:
     """The facade's thread: run its loop until stopped, then end what is left and close it."""
+    if hasattr(signal, "pthread_sigmask"):
+        # The kernel hands a process's SIGINT to any thread that does not block it; one
+        # taken by this thread (or the threads it starts, which inherit the mask) would
+        # not wake the caller blocked in `_run`, so Ctrl-C would go unnoticed.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     asyncio.set_event_loop(loop)
     loop.call_soon(ready.set)
     try:
@@ -224,7 +234,9 @@ class SyncKlingClient:
             except RuntimeError:  # closed by another thread meanwhile
                 coroutine.close()
                 raise RuntimeError(_CLOSED) from None
-            done.wait()
+            # In slices: a signal taken by another thread still gets its handler run here.
+            while not done.wait(_WAKE):
+                pass
         except KeyboardInterrupt as interrupt:
             # Wherever it lands (waiting, or still handing the call to the loop).
             self._loop.call_soon_threadsafe(cancel)

@@ -210,12 +210,13 @@ def test_ctrl_c_cancels_the_call_and_says_which_tasks_go_on(sim: Simulator, mode
         if process.poll() is None:
             process.kill()
             process.communicate()
-    assert process.returncode == -signal.SIGINT  # ended by the interrupt, as a script is
-    assert "not interrupted" not in out
-    assert "KeyboardInterrupt" in err
-    assert "go on at Kling" in err
+    told = f"exit {process.returncode}\nstdout: {out}\nstderr: {err}"
+    assert process.returncode == -signal.SIGINT, told  # ended by the interrupt, as a script is
+    assert "not interrupted" not in out, told
+    assert "KeyboardInterrupt" in err, told
+    assert "go on at Kling" in err, told
     for task_id in waiting:
-        assert task_id in err
+        assert task_id in err, told
     # The interrupted call sent nothing more: every task is one the script had created.
     assert sim.counters.tasks_created == len(sim.tasks)
     # The process is gone; a request of its that the simulator was still answering ends
