@@ -164,8 +164,8 @@ def mp4_problem(file: IO[bytes], size: int) -> str | None:
 
     The top-level boxes (ISO/IEC 14496-12, 4.2: a 32-bit size, a type, a 64-bit size
     when the first is 1, "to the end of the file" when it is 0) must tile the file
-    exactly, the first must be ``ftyp`` and one must be ``moov``. Only box headers are
-    read: a few seeks whatever the file's size.
+    exactly, the first must be ``ftyp``, and there must be a ``moov`` (the index) and an
+    ``mdat`` (the media). Only box headers are read: a few seeks whatever the file's size.
     """
     offset = 0
     kinds: list[bytes] = []
@@ -196,6 +196,10 @@ def mp4_problem(file: IO[bytes], size: int) -> str | None:
         return f"its last box needs {offset} bytes but the file has {size} (cut short)"
     if b"moov" not in kinds:
         return "it has no moov box"
+    if b"mdat" not in kinds:
+        # Cut exactly at the end of a "fast start" moov: the boxes tile what is left,
+        # but the media data is gone.
+        return "it has no mdat box (cut short after its moov)"
     return None
 
 

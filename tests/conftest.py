@@ -6,6 +6,12 @@ import logging
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import settings
+
+# A busy machine is slow, not wrong: no per-example deadline (every property still runs
+# all its examples; a real hang is caught by pytest-timeout).
+settings.register_profile("kling", deadline=None)
+settings.load_profile("kling")
 
 from kling_async import KlingClient, PollPolicy
 from kling_async.testing import Simulator, set_testing

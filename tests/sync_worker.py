@@ -31,7 +31,7 @@ def main(mode: str, base_url: str, api_key: str) -> None:
             announced.set()
             print(json.dumps({"waiting": sorted(seen)}), flush=True)
 
-    with SyncKlingClient(api_key=api_key, base_url=base_url, poll=POLL, timeout=10.0) as kling:
+    with SyncKlingClient(api_key=api_key, base_url=base_url, poll=POLL, timeout=30.0) as kling:
         if mode == "wait":
             task = kling.extend(ExtendRequest("828006748715380777", "slow one"))
             kling.wait_for_task(task, on_update=running)

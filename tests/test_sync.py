@@ -203,6 +203,7 @@ def test_ctrl_c_cancels_the_call_and_says_which_tasks_go_on(sim: Simulator, mode
     try:
         assert process.stdout is not None
         line = process.stdout.readline()
+        assert line, f"the script ended early: {process.communicate(timeout=60)}"
         waiting = json.loads(line)["waiting"]
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=60)
