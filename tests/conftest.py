@@ -8,14 +8,15 @@ from collections.abc import AsyncIterator
 import pytest
 from hypothesis import settings
 
-# A busy machine is slow, not wrong: no per-example deadline (every property still runs
-# all its examples; a real hang is caught by pytest-timeout).
-settings.register_profile("kling", deadline=None)
-settings.load_profile("kling")
 
 from kling_async import KlingClient, PollPolicy
 from kling_async.testing import Simulator, set_testing
 from tests.callback_receiver import Receiver, serve_receiver
+
+# A busy machine is slow, not wrong: no per-example deadline (every property still runs
+# all its examples; a real hang is caught by pytest-timeout).
+settings.register_profile("kling", deadline=None)
+settings.load_profile("kling")
 
 pytest_plugins = ["kling_async.testing.pytest_plugin", "redis_server"]
 
