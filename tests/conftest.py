@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 import pytest
 from hypothesis import settings
 
-
 from kling_async import KlingClient, PollPolicy
 from kling_async.testing import Simulator, set_testing
 from tests.callback_receiver import Receiver, serve_receiver
