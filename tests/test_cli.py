@@ -1041,7 +1041,7 @@ def test_batch_prints_the_usable_remainder_and_units_billed(
     assert result.exit_code == 0, result.stderr
     assert "100 units usable before the batch" in result.stderr
     assert "92 units usable now" in result.stderr
-    assert "8 units billed" in result.stderr
+    assert "8 units billed for these tasks" in result.stderr
 
 
 @simulator(prefix="/kling")

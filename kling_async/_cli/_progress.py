@@ -94,12 +94,15 @@ class BatchDisplay:
         click.echo(outcome.describe(), err=True)
 
     def summary(self) -> str:
-        """``batch done: 7 ok, 1 failed, 8 rows in 5.2 s, 7 units billed``."""
+        """``batch done: 7 ok, 1 failed, 8 rows in 5.2 s, 7 units billed for these tasks``.
+
+        The units are those of the rows' tasks, whichever run created them: a run that
+        finishes from its journal bills nothing new (the packs' remainder says so)."""
         rows = self.ok + self.failed
         elapsed = time.monotonic() - self._started
         counted = "1 row" if rows == 1 else f"{rows} rows"
         text = f"batch done: {self.ok} ok, {self.failed} failed, {counted} in {elapsed:.1f} s"
-        return text + (f", {self.units:g} units billed" if self.units else "")
+        return text + (f", {self.units:g} units billed for these tasks" if self.units else "")
 
     def finish(self) -> None:
         """Print the summary line."""
