@@ -440,11 +440,6 @@ def is_duplicate_refusal(error: BaseException) -> bool:
     )
 
 
-def is_concurrency_limit(error: BaseException) -> bool:
-    """A 1303: the account has as many running tasks as its plan allows."""
-    return isinstance(error, RateLimitError) and error.code == CONCURRENCY_LIMIT_CODE
-
-
 def is_token_expired(error: KlingError) -> bool:
     """A 1004: the signed token expired (re-signing may help)."""
     return isinstance(error, AuthenticationError) and error.code == TOKEN_EXPIRED_CODE

@@ -143,7 +143,7 @@ def test_connection_errors_are_retried_and_may_have_been_processed() -> None:
 def test_rate_limits_are_not_processed() -> None:
     error = _protocol.error_for(429, 1303, "busy")
     assert not _protocol.may_have_been_processed(error)
-    assert _protocol.is_concurrency_limit(error)
+    assert _protocol.decide(error).action is _protocol.Action.WAIT_FOR_SLOT
     no_credit = _protocol.decide(_protocol.error_for(429, 1102, "empty"))
     assert no_credit.action is _protocol.Action.STOP_BATCH
 
