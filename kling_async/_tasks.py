@@ -132,10 +132,7 @@ class _Create:
             if task is not None:
                 return task
             if self.state == _CREATED:
-                raise ResponseFormatError(
-                    "the service accepted the create, but its answer held no task and a "
-                    f"look-up by external_task_id {self.external_id} finds none yet"
-                )
+                raise self._not_visible_yet()
             wait = self.trust_at - time.monotonic()
             if wait <= 0:
                 self.state = _FRESH
@@ -187,10 +184,7 @@ class _Create:
             self.state = _CREATED
         task = await self._look_up()
         if task is None:
-            raise ResponseFormatError(
-                "the service accepted the create, but its answer held no task and a "
-                f"look-up by external_task_id {self.external_id} finds none yet"
-            )
+            raise self._not_visible_yet()
         return task
 
     async def _look_up(self) -> Task | None:
@@ -202,6 +196,13 @@ class _Create:
             raise
         logger.info("task with external_task_id %s already exists", self.external_id)
         return self._task(data, request_id)
+
+    def _not_visible_yet(self) -> ResponseFormatError:
+        # Transient (no field path): the runner looks again, and never POSTs again.
+        return ResponseFormatError(
+            "the service accepted the create, but its answer held no task and a "
+            f"look-up by external_task_id {self.external_id} finds none yet"
+        )
 
     def _task(self, data: Any, request_id: str | None) -> Task:
         return parse_task(data, request_id=request_id, external_task_id=self.external_id)
