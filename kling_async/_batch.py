@@ -30,7 +30,7 @@ from typing import Any, Final, cast
 import attrs
 
 from kling_async import _protocol, _telemetry
-from kling_async._account import Account, InMemoryAccount
+from kling_async._account import Account, AccountSlot, Claim, InMemoryAccount, Lookup
 from kling_async._config import is_int_in
 from kling_async._hooks import call_back
 from kling_async._journal import FINISHED, PENDING, SUBMITTED, Journal, fingerprint
@@ -71,9 +71,12 @@ class Batch:
             self._iter = iter(requests)
         else:
             raise ValidationError("requests", "must be an iterable of ExtendRequest", requests)
-        self._tasks = tasks
         self._own_account = tasks.account is None
         self._account: Account = tasks.account or InMemoryAccount()
+        # The batch's creates and waits go through its gate to the account: the gate
+        # holds back creates once the batch stopped, and counts 1303 refusals.
+        self._gate = _Gate(self._account, self)
+        self._tasks = Tasks(tasks.transport, tasks.poll, self._gate)
         self._concurrency = concurrency
         self._wait = wait
         self._journal_path = Path(journal) if journal is not None else None
@@ -227,13 +230,7 @@ class Batch:
             return item.result(error=self._stopped)
         await item.record_pending()
         try:
-            task = await self._tasks.create(
-                item.request,
-                account=self._account,
-                look_up_first=item.look_up_first,
-                before_post=self._check_credit,
-                on_refused=self._refused,
-            )
+            task = await self._tasks.create(item.request, look_up_first=item.look_up_first)
         except KlingError as error:
             stop = _protocol.decide(error).action is _protocol.Action.STOP_BATCH
             if stop and self._stopped is None:
@@ -264,7 +261,6 @@ class Batch:
                 timeout=WAIT_TIMEOUT,
                 on_update=None if self._on_update is None else self._item_update(item.index),
                 callbacks=self._callbacks,
-                account=self._account,
             )
         except KlingError as error:  # TaskFailedError and WaitTimeoutError carry `.task`
             seen = getattr(error, "task", task)
@@ -284,12 +280,44 @@ class Batch:
 
         return update
 
-    def _check_credit(self) -> None:
-        if self._stopped is not None:
-            raise self._stopped
 
-    def _refused(self) -> None:
-        self.throttled += 1
+class _Gate(Account):
+    """The batch's way to its account: every call goes through to `account`, but a
+    create that gets its slot after the batch stopped (no credit, credentials refused)
+    gives it back and fails unsent, and every 1303 refusal is counted."""
+
+    def __init__(self, account: Account, batch: Batch) -> None:
+        self._account = account
+        self._batch = batch
+        self.max_running = account.max_running
+
+    async def acquire(self, external_task_id: str, lookup: Lookup) -> AccountSlot:
+        slot = await self._account.acquire(external_task_id, lookup)
+        if (stopped := self._batch._stopped) is not None:
+            await self._account.release(slot)
+            raise stopped
+        return slot
+
+    async def refused(self, slot: AccountSlot, retry_after: float | None = None) -> None:
+        self._batch.throttled += 1
+        await self._account.refused(slot, retry_after)
+
+    async def created(self, slot: AccountSlot, task: Task) -> None:
+        await self._account.created(slot, task)
+
+    async def release(self, slot: AccountSlot, *, maybe_created: bool = False) -> None:
+        await self._account.release(slot, maybe_created=maybe_created)
+
+    async def finished(self, task: Task) -> None:
+        await self._account.finished(task)
+
+    async def claim(self, external_task_id: str) -> Claim:
+        return await self._account.claim(external_task_id)
+
+    async def settle(
+        self, external_task_id: str, task: Task | None, *, maybe_created: bool = False
+    ) -> None:
+        await self._account.settle(external_task_id, task, maybe_created=maybe_created)
 
 
 @attrs.define(eq=False)

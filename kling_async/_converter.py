@@ -363,7 +363,7 @@ def _unstructure_task(task: Task) -> dict[str, Any]:
         info["external_task_id"] = task.external_task_id
     document: dict[str, Any] = {
         "task_id": task.task_id,
-        "task_status": task.raw_status or task.status.value,
+        "task_status": task.raw_status,
         "task_status_msg": task.status_message,
         "task_info": info,
         "task_result": {"videos": [_unstructure_video(v) for v in task.videos]},

@@ -118,7 +118,7 @@ def _pick_video(task_or_video: Task | Video) -> Video:
         return task_or_video
     if isinstance(task_or_video, Task):
         if not task_or_video.videos:
-            status = task_or_video.raw_status or task_or_video.status.value
+            status = task_or_video.raw_status
             raise ValidationError(
                 "task_or_video", f"task has no result video (status {status})", task_or_video
             )

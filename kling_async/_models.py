@@ -189,8 +189,11 @@ class Task:
     external_task_id: str | None = None
     parent_video: Video | None = None
     videos: tuple[Video, ...] = ()
-    #: The status string exactly as the service sent it (useful when `status` is UNKNOWN).
-    raw_status: str = ""
+    #: The status string exactly as the service sent it (useful when `status` is UNKNOWN);
+    #: for a task built by hand, the status's own wire text.
+    raw_status: str = attrs.field(
+        default=attrs.Factory(lambda task: task.status.value, takes_self=True)
+    )
     request_id: str | None = None
     #: Units billed for the task (``final_unit_deduction``), once the service says.
     units_deducted: float | None = None

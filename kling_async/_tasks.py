@@ -21,7 +21,7 @@ import random
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Final
 
 import attrs
@@ -90,19 +90,12 @@ def _suspect(key: tuple[str, str], trust_at: float) -> None:
 class _Create:
     """One create's state machine (fresh, maybe created, created) and its tries."""
 
-    __slots__ = ("before_post", "body", "external_id", "not_before", "send", "state", "trust_at")
+    __slots__ = ("body", "external_id", "not_before", "send", "state", "trust_at")
 
-    def __init__(
-        self,
-        send: Any,
-        body: dict[str, Any],
-        external_id: str,
-        before_post: Callable[[], None] | None,
-    ) -> None:
+    def __init__(self, send: Any, body: dict[str, Any], external_id: str) -> None:
         self.send = send
         self.body = body
         self.external_id = external_id
-        self.before_post = before_post
         self.state = _FRESH
         #: `time.monotonic()` from which a "no such task" answer proves absence.
         self.trust_at = 0.0
@@ -149,8 +142,6 @@ class _Create:
             # The service's wait (`_protocol.decide`) holds between POSTs of one create
             # even when the account, not the retry runner, decided to try again.
             await asyncio.sleep(self.not_before - time.monotonic())
-        if self.before_post is not None:
-            self.before_post()
         try:
             data, request_id = await self.send(method, path, self.body)
         except KlingError as error:
@@ -246,25 +237,19 @@ class Tasks:
         self,
         request: ExtendRequest,
         *,
-        account: Account | None = None,
         look_up_first: bool | None = None,
         slot_timeout: float | None = None,
-        before_post: Callable[[], None] | None = None,
-        on_refused: Callable[[], None] | None = None,
     ) -> Task:
         """`create_once`, reported as a ``kling extend`` span when telemetry records."""
-        options: dict[str, Any] = {
-            "account": account,
-            "look_up_first": look_up_first,
-            "slot_timeout": slot_timeout,
-            "before_post": before_post,
-            "on_refused": on_refused,
-        }
         report = _telemetry.operation("kling extend", {}) if _telemetry.AVAILABLE else None
         if report is None:
-            return await self.create_once(request, **options)
+            return await self.create_once(
+                request, look_up_first=look_up_first, slot_timeout=slot_timeout
+            )
         with report:
-            task = await self.create_once(request, **options)
+            task = await self.create_once(
+                request, look_up_first=look_up_first, slot_timeout=slot_timeout
+            )
             report.task(task)
         _telemetry.note_created(report)
         _telemetry.task_created(task)
@@ -274,11 +259,8 @@ class Tasks:
         self,
         request: ExtendRequest,
         *,
-        account: Account | None = None,
         look_up_first: bool | None = None,
         slot_timeout: float | None = None,
-        before_post: Callable[[], None] | None = None,
-        on_refused: Callable[[], None] | None = None,
     ) -> Task:
         """Create the task of `request` exactly once.
 
@@ -287,15 +269,13 @@ class Tasks:
 
         Args:
             request: what to create.
-            account: the account's slots to use (default: the client's account, if any).
             look_up_first: look the task up by its external id before the first POST.
                 Default: when the request carries its own id (it may have been used);
-                False only for an id nobody can have used (a fresh journal's).
+                False only for an id nobody can have used (a fresh journal's): only
+                the caller that made the id knows that.
             slot_timeout: the longest wait for a running-task slot, 1303 answers
                 included (None: no limit); past it a create refused with 1303 raises
-                that `RateLimitError`.
-            before_post: called before every POST; raising stops the create unsent.
-            on_refused: called on every 1303 answer the account handles.
+                that `RateLimitError` (`extend`'s own timeout).
         """
         body = request_body(request)
         given = request.external_task_id is not None
@@ -304,11 +284,11 @@ class Tasks:
         if _telemetry.AVAILABLE:
             _telemetry.set_current("kling.external_task_id", external_id)
         key = (self.transport.base_url, external_id)
-        create = _Create(self.transport.send, body, external_id, before_post)
+        create = _Create(self.transport.send, body, external_id)
         if look_up_first if look_up_first is not None else given:
             create.suspect()
         if not given:
-            return await self._create(key, create, account, False, slot_timeout, on_refused)
+            return await self._create(key, create, False, slot_timeout)
         loop = asyncio.get_running_loop()
         flights = _FLIGHTS.setdefault(loop, {})
         while (running := flights.get(key)) is not None:
@@ -322,7 +302,7 @@ class Tasks:
         future.add_done_callback(_retrieve)
         flights[key] = future
         try:
-            task = await self._create(key, create, account, True, slot_timeout, on_refused)
+            task = await self._create(key, create, True, slot_timeout)
         except asyncio.CancelledError:
             future.cancel()  # whoever waits tries for itself
             raise
@@ -339,15 +319,13 @@ class Tasks:
         self,
         key: tuple[str, str],
         create: _Create,
-        account: Account | None,
         given: bool,
         slot_timeout: float | None,
-        on_refused: Callable[[], None] | None,
     ) -> Task:
         trust_at = _SUSPECT.get(key)
         if trust_at is not None:
             create.suspect(trust_at)
-        account = account or self.account
+        account = self.account
         token = IO_TIMEOUT.set(self.transport.seconds)
         task: Task | None = None
         try:
@@ -367,7 +345,7 @@ class Tasks:
                         time.monotonic() - claim.maybe_since + _protocol.absence_settle()
                     )
             try:
-                task = await self._create_in(account, create, slot_timeout, on_refused)
+                task = await self._create_in(account, create, slot_timeout)
             finally:
                 if given:
                     await account.settle(
@@ -388,7 +366,6 @@ class Tasks:
         account: Account,
         create: _Create,
         slot_timeout: float | None,
-        on_refused: Callable[[], None] | None,
     ) -> Task:
         loop = asyncio.get_running_loop()
         deadline = None if slot_timeout is None else loop.time() + slot_timeout
@@ -408,8 +385,6 @@ class Tasks:
                     if decision.action is not _protocol.Action.WAIT_FOR_SLOT:
                         raise
                     assert slot is not None
-                    if on_refused is not None:
-                        on_refused()
                     # A 1303 proves this POST created nothing; an earlier ambiguous try
                     # is still remembered in `create.state` (looked up first).
                     held, slot, refusal = slot, None, error
@@ -494,11 +469,10 @@ class Tasks:
         timeout: float,
         on_update: OnUpdate | None,
         callbacks: CallbackSource | None,
-        account: Account | None = None,
     ) -> Task:
         """Poll (and listen to callbacks) until the task ends; see `wait_for_task`.
 
-        The task's slot in `account` (default: the client's) is freed when it ends.
+        The task's slot in the account, if any, is freed when it ends.
         Reported as a ``kling wait`` span when telemetry records.
         """
         report = (
@@ -507,9 +481,9 @@ class Tasks:
             else None
         )
         if report is None:
-            return await self._wait(task_id, last, timeout, on_update, callbacks, account)
+            return await self._wait(task_id, last, timeout, on_update, callbacks)
         with report:
-            task = await self._wait(task_id, last, timeout, on_update, callbacks, account)
+            task = await self._wait(task_id, last, timeout, on_update, callbacks)
             report.task(task)
         return task
 
@@ -520,9 +494,8 @@ class Tasks:
         timeout: float,
         on_update: OnUpdate | None,
         callbacks: CallbackSource | None,
-        account: Account | None,
     ) -> Task:
-        account = account or self.account
+        account = self.account
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         intervals = self.intervals()

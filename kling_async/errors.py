@@ -265,9 +265,7 @@ class WaitTimeoutError(KlingError):
     def __init__(self, task: Task, timeout: float) -> None:
         self.task = task
         self.timeout = timeout
-        super().__init__(
-            f"task {task.task_id} still {task.raw_status or task.status.value} after {timeout:g} s"
-        )
+        super().__init__(f"task {task.task_id} still {task.raw_status} after {timeout:g} s")
 
     def parts(self) -> tuple[str, dict[str, Any]]:
         return str(self), {"task": self.task, "timeout": self.timeout}

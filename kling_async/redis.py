@@ -158,6 +158,29 @@ class _Waiter:
     wake: asyncio.Event = attrs.field(factory=asyncio.Event)
 
 
+class _Outage:
+    """Whether a create waiting in Redis (for a slot, for another's claim) keeps waiting
+    when a call fails: a new create fails at once (its caller decides what to do), one
+    already waiting rides out an outage (a pause, a restart) for `OUTAGE_WAIT` seconds.
+
+    Every failed call here is an `APIConnectionError` sent to Redis only, which
+    `_protocol.decide` always answers with "retry"; what is Redis's own is how long.
+    """
+
+    __slots__ = ("since",)
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def gives_up(self, first: bool) -> bool:
+        now = time.monotonic()
+        self.since = self.since or now
+        return first or now - self.since > OUTAGE_WAIT
+
+    def over(self) -> None:
+        self.since = None
+
+
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -437,7 +460,7 @@ class RedisAccount(Account):
         self._waiters.append(waiter)
         self._start_renewing()
         attempt: asyncio.Task[bool] | None = None
-        down_since: float | None = None
+        outage = _Outage()
         try:
             first = True
             while True:
@@ -447,15 +470,10 @@ class RedisAccount(Account):
                     try:
                         if await asyncio.shield(attempt):
                             break
-                        down_since = None
+                        outage.over()
                     except APIConnectionError:
-                        # A new create fails at once; one already queued rides out an
-                        # outage (a pause, a restart): its place is kept by renewals.
-                        if first:
-                            raise
-                        now = time.monotonic()
-                        down_since = down_since or now
-                        if now - down_since > OUTAGE_WAIT:
+                        # Its place in the queue is kept by renewals meanwhile.
+                        if outage.gives_up(first):
                             raise
                     attempt = None
                     first = False
@@ -717,7 +735,7 @@ class RedisAccount(Account):
         key = self._claim_key(external_task_id)
         event = self._claim_waits.setdefault(external_task_id, asyncio.Event())
         first = True
-        down_since: float | None = None
+        outage = _Outage()
         self._claiming[external_task_id] += 1
         try:
             await self._listen()
@@ -744,15 +762,11 @@ class RedisAccount(Account):
                 except APIConnectionError:
                     # The call may still reach Redis and be granted: drop it then.
                     self._drop_claim_later(external_task_id, call)
-                    # A new create fails at once; one waiting on another's claim rides
-                    # out an outage.
-                    now = time.monotonic()
-                    down_since = down_since or now
-                    if first or now - down_since > OUTAGE_WAIT:
+                    if outage.gives_up(first):
                         raise
                     answer = [b"down"]
                 else:
-                    down_since = None
+                    outage.over()
                 first = False
                 kind = _text(answer[0])
                 if kind == "task":

@@ -10,23 +10,20 @@ Every wait is bounded; no test asserts how long anything took.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
+import redis_workers
 from redis_server import RedisServer
+from redis_workers import Worker, items, reap_workers  # noqa: F401 - a fixture
 
 from kling_async import APIConnectionError, ExtendRequest, KlingClient, PollPolicy, TaskStatus
 from kling_async.redis import RedisAccount
 from kling_async.testing import Simulator
 
-WORKER = str(Path(__file__).with_name("redis_worker.py"))
 POLL = PollPolicy(initial=0.05, factor=1.5, max_interval=0.2)
 #: Longer than the workers' lease (1 s) and their claims (3 leases): by Redis's own
 #: clock every lease and claim would look lapsed when it answers again.
@@ -63,87 +60,11 @@ def peak_running(sim: Simulator) -> int:
     return max(peak, getattr(sim.counters, "peak_running_tasks", 0))
 
 
-class Worker:
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.lines: list[dict[str, Any]] = []
-        self.stderr = ""
-
-    async def read_until(self, count: int) -> None:
-        assert self.process.stdout is not None
-        while len(self.lines) < count:
-            line = await asyncio.wait_for(self.process.stdout.readline(), 60)
-            assert line, f"worker ended early: {self.lines}"
-            self.lines.append(json.loads(line))
-
-    async def finish(self) -> list[dict[str, Any]]:
-        out, err = await asyncio.wait_for(self.process.communicate(), 90)
-        self.lines += [json.loads(line) for line in out.decode().splitlines() if line]
-        self.stderr = err.decode()
-        assert self.process.returncode == 0, self.stderr
-        return self.lines
-
-
-_started: list[asyncio.subprocess.Process] = []
-
-
-@pytest.fixture(autouse=True)
-async def _reap_workers() -> AsyncIterator[None]:
-    yield
-    while _started:
-        process = _started.pop()
-        if process.returncode is None:
-            process.kill()
-        await process.communicate()
-
-
-async def start_worker(
-    sim: Simulator,
-    redis_url: str,
-    name: str,
-    items: list[tuple[str, str]],
-    *,
-    max_running: int | None = 3,
-    lease: float = 1.0,
-    hold: bool = False,
-    linger: float = 0.0,
-) -> Worker:
-    config = {
-        "redis": redis_url,
-        "name": name,
-        "base_url": sim.base_url,
-        "api_key": sim.api_key,
-        "max_running": max_running,
-        "lease": lease,
-        "items": items,
-        "hold": hold,
-        "linger": linger,
-        "timeout": 10.0,
-        "wait": 60.0,
-        "attempts": 60,  # a job queue's redelivery, through every pause of the test
-        "debug": bool(os.environ.get("KLING_TEST_WORKER_DEBUG")),
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        WORKER,
-        json.dumps(config),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": _pythonpath()},
-    )
-    _started.append(process)
-    return Worker(process)
-
-
-def _pythonpath() -> str:
-    # The repository first; then whatever the tests run with (another redis-py, say).
-    return os.pathsep.join(
-        filter(None, [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH")])
-    )
-
-
-def items(worker: int, count: int) -> list[tuple[str, str]]:
-    return [(f"w{worker}-{i}", f"video-{worker}-{i}") for i in range(count)]
+def start_worker(
+    sim: Simulator, url: str, name: str, jobs: list[tuple[str, str]], **settings: Any
+) -> Awaitable[Worker]:
+    # Each job is tried as often as a job queue would redeliver it through every pause.
+    return redis_workers.start_worker(sim, url, name, jobs, attempts=60, **settings)
 
 
 async def until(condition: Callable[[], bool | Awaitable[bool]], what: str) -> None:

@@ -4,7 +4,6 @@ simulator, with the simulator's counters asserted."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -16,12 +15,11 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 from redis_server import RedisServer
+from redis_workers import items, reap_workers, start_worker  # noqa: F401 - a fixture
 
 from kling_async import ExtendRequest, KlingClient, PollPolicy
 from kling_async.redis import RedisAccount
 from kling_async.testing import Simulator
-
-WORKER = str(Path(__file__).with_name("redis_worker.py"))
 
 pytestmark = pytest.mark.slow
 
@@ -35,82 +33,6 @@ def name() -> str:
 async def sim() -> AsyncIterator[Simulator]:
     async with Simulator(submit_time=0.05, processing_time=0.3, running_limit=3, seed=3) as s:
         yield s
-
-
-class Worker:
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.lines: list[dict[str, Any]] = []
-
-    async def read_until(self, count: int) -> None:
-        assert self.process.stdout is not None
-        while len(self.lines) < count:
-            line = await asyncio.wait_for(self.process.stdout.readline(), 60)
-            assert line, f"worker ended early: {self.lines}"
-            self.lines.append(json.loads(line))
-
-    async def finish(self) -> list[dict[str, Any]]:
-        assert self.process.stdout is not None
-        out, err = await asyncio.wait_for(self.process.communicate(), 90)
-        self.lines += [json.loads(line) for line in out.decode().splitlines() if line]
-        assert self.process.returncode == 0, err.decode()[-4000:]
-        return self.lines
-
-
-_started: list[asyncio.subprocess.Process] = []
-
-
-@pytest.fixture(autouse=True)
-async def _reap_workers() -> AsyncIterator[None]:
-    yield
-    while _started:
-        process = _started.pop()
-        if process.returncode is None:
-            process.kill()
-        await process.communicate()
-
-
-async def start_worker(
-    sim: Simulator,
-    redis_url: str,
-    name: str,
-    items: list[tuple[str, str]],
-    *,
-    max_running: int | None = 3,
-    lease: float = 1.0,
-    hold: bool = False,
-) -> Worker:
-    config = {
-        "redis": redis_url,
-        "name": name,
-        "base_url": sim.base_url,
-        "api_key": sim.api_key,
-        "max_running": max_running,
-        "lease": lease,
-        "items": items,
-        "hold": hold,
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        WORKER,
-        json.dumps(config),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,  # the account's warnings, shown when one fails
-        env={**os.environ, "PYTHONPATH": _pythonpath()},
-    )
-    _started.append(process)
-    return Worker(process)
-
-
-def _pythonpath() -> str:
-    # The repository first; then whatever the tests run with (another redis-py, say).
-    return os.pathsep.join(
-        filter(None, [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH")])
-    )
-
-
-def items(worker: int, count: int) -> list[tuple[str, str]]:
-    return [(f"w{worker}-{i}", f"video-{worker}-{i}") for i in range(count)]
 
 
 @pytest.mark.parametrize("max_running", [3, None], ids=["limit given", "limit learned"])

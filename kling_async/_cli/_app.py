@@ -287,7 +287,7 @@ def download(task_id: str, dest: str, overwrite: bool, client: ClientOptions) ->
 
         task = await kling.get_task(task_id)
         if not task.succeeded or not task.videos:
-            state = task.raw_status or task.status.value
+            state = task.raw_status
             report(
                 f"task {task_id} is {state}: it has no video to download"
                 + ("" if task.is_terminal else f" yet (try: kling-async wait {task_id})")

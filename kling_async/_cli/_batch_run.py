@@ -161,7 +161,7 @@ class BatchRun:
         if row is not None:
             if row in self._unfinished:
                 self._unfinished[row] = task
-            self._display.row_state(row, task.raw_status or task.status.value)
+            self._display.row_state(row, task.raw_status)
 
     def _interrupted(self) -> None:
         """Say what an interrupted batch leaves running, and how to collect it."""
@@ -312,7 +312,7 @@ class BatchRun:
             self.failed += 1
         video = task.videos[0] if task is not None and task.videos else None
         if task is not None:
-            status = task.raw_status or task.status.value
+            status = task.raw_status
         else:
             status = "invalid" if error is not None and "field" in error else "error"
         outcome = RowOutcome(

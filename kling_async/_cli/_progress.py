@@ -38,10 +38,6 @@ def stderr_console() -> Console:
     return Console(stderr=True, highlight=False)
 
 
-def _status(task: Task) -> str:
-    return task.raw_status or task.status.value
-
-
 #: The most rows in flight the live display lists (the rest are counted).
 _SHOWN_IN_FLIGHT = 10
 
@@ -260,14 +256,14 @@ def task_status_display(task_id: str) -> Iterator[Callable[[Task], None]]:
     if not console.is_terminal:
 
         def show_line(task: Task) -> None:
-            click.echo(f"task {task.task_id}: {_status(task)}", err=True)
+            click.echo(f"task {task.task_id}: {task.raw_status}", err=True)
 
         yield show_line
         return
     with console.status(f"task {task_id}: waiting") as spinner:
 
         def show(task: Task) -> None:
-            spinner.update(f"task {task.task_id}: {_status(task)}")
+            spinner.update(f"task {task.task_id}: {task.raw_status}")
 
         yield show
 

@@ -252,7 +252,7 @@ def _when(moment: datetime | None) -> str:
 
 def _status_text(task: Task) -> str:
     style = _STATUS_STYLES.get(task.status)
-    text = task.raw_status or task.status.value
+    text = task.raw_status
     return f"[{style}]{text}[/]" if style else text
 
 
