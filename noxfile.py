@@ -41,6 +41,9 @@ _NO_CREDENTIALS: dict[str, str | None] = dict.fromkeys(
     )
 )
 
+#: pytest-xdist's workers for the test sessions.
+_WORKERS = ("--numprocesses=8", "--dist=worksteal")
+
 
 @nox.session
 def tests(session: nox.Session) -> None:
@@ -54,8 +57,10 @@ def tests(session: nox.Session) -> None:
     session.install("redis==5.0.1")
     session.run(
         "pytest",
-        # Most tests wait on sockets and subprocesses: more workers than cores pay off.
-        "--numprocesses=4",
+        # Most tests wait on sockets, timers and subprocesses: more workers than cores
+        # pay off; workers steal queued tests from each other, so a few long tests do not
+        # leave the others idle at the end.
+        *_WORKERS,
         "--cov=kling_async",
         "--cov-report=term-missing",
         "--cov-fail-under=90",
@@ -76,7 +81,7 @@ def tests_redis_newest(session: nox.Session) -> None:
     session.run("python", "-c", "import redis; print('redis-py', redis.__version__)")
     session.run(
         "pytest",
-        "--numprocesses=4",
+        *_WORKERS,
         "tests/test_redis_account.py",
         "tests/test_redis_faults.py",
         *session.posargs,
@@ -117,7 +122,7 @@ def tests_python_backoff(session: nox.Session) -> None:
         "pyyaml",
     )
     session.run("python", "-m", "pip", "show", "python-backoff")
-    session.run("pytest", "--numprocesses=4", *session.posargs, env=_NO_CREDENTIALS)
+    session.run("pytest", *_WORKERS, *session.posargs, env=_NO_CREDENTIALS)
 
 
 @nox.session

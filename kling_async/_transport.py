@@ -70,11 +70,23 @@ class ExactWait(float):
     """A wait the service asked for (``Retry-After``): used as given, never jittered."""
 
 
+#: The backoff in use: (first wait, longest wait); `set_retry_waits` changes it.
+_RETRY_WAITS: list[float] = [RETRY_BASE, RETRY_CAP]
+
+
+def set_retry_waits(base: float = RETRY_BASE, cap: float = RETRY_CAP) -> None:
+    """Our own backoff between tries, process-wide (`kling_async.testing.set_testing`
+    shortens it); a wait the service asks for is never shortened."""
+    _RETRY_WAITS[:] = [base, cap]
+
+
 def retry_waits(
-    base: float = RETRY_BASE, cap: float = RETRY_CAP
+    base: float | None = None, cap: float | None = None
 ) -> Generator[float | None, BaseException | None, None]:
     """backoff wait generator: exponential, but the service's wait (`_protocol.decide`:
     its ``Retry-After``, at least a second after a 429) wins."""
+    base = _RETRY_WAITS[0] if base is None else base
+    cap = _RETRY_WAITS[1] if cap is None else cap
     error = yield None  # backoff primes the generator with send(None)
     n = 0
     while True:

@@ -45,9 +45,25 @@ def load(relative: str) -> ModuleType:
     return module
 
 
-web_aiohttp = load("examples/web_aiohttp.py")
-web_fastapi = load("examples/web_fastapi.py")
-bot_aiogram = load("examples/bot_aiogram.py")
+class Example:
+    """An example program, imported on first use: FastAPI and aiogram take seconds to
+    import, and every test worker collects this module, most without running it."""
+
+    def __init__(self, relative: str) -> None:
+        self._relative = relative
+        self._module: ModuleType | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # pytest probes every module attribute for fixtures
+            raise AttributeError(name)
+        if self._module is None:
+            self._module = load(self._relative)
+        return getattr(self._module, name)
+
+
+web_aiohttp = Example("examples/web_aiohttp.py")
+web_fastapi = Example("examples/web_fastapi.py")
+bot_aiogram = Example("examples/bot_aiogram.py")
 
 
 @pytest.fixture(scope="module")
