@@ -418,7 +418,9 @@ TESTING_DIR = Path(kling_async.testing.__file__).parent
 TESTING_PACKAGE = "kling_async.testing"
 #: What a simulator module may import of the client: only the test-mode switch reaches in.
 ALLOWED_CLIENT_IMPORTS: dict[str, frozenset[str]] = {
-    "_mode.py": frozenset({"kling_async._protocol", "kling_async._models", "kling_async._transport"}),
+    "_mode.py": frozenset(
+        {"kling_async._protocol", "kling_async._models", "kling_async._transport"}
+    ),
 }
 
 
