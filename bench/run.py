@@ -49,6 +49,7 @@ import accounts
 import aiohttp
 import guarantees
 import imports
+import many_at_once
 import orjson
 import per_call
 from server import CONCURRENCY, requests, simulator_process
@@ -185,6 +186,58 @@ def _cpu(args: argparse.Namespace, report: dict[str, object]) -> list[Row]:
                 ratio,
                 "<= 1.10x",
                 ratio <= 1.10,
+            )
+        )
+    rows += _cpu_concurrent(args, report)
+    return rows
+
+
+def _cpu_concurrent(args: argparse.Namespace, report: dict[str, object]) -> list[Row]:
+    """Issue 14's figures: 32 get_task and 64 creates at once, and a waited batch."""
+    out: dict[str, list[float]] = {
+        key: [] for key in ("raw_get", "client_get", "raw_create", "client_create")
+    }
+    out.update(raw_batch=[], client_batch=[])
+    with simulator_process(submit_time=0, processing_time=0) as (base_url, api_key):
+        task_id = asyncio.run(per_call._finished_task(base_url, api_key))
+        for round_ in range(args.rounds):
+            sides = [("raw", many_at_once.raw_calls), ("client", many_at_once.client_calls)]
+            for name, run in sides if round_ % 2 == 0 else sides[::-1]:
+                get, create = asyncio.run(run(base_url, api_key, task_id, args.calls))
+                out[f"{name}_get"].append(get)
+                out[f"{name}_create"].append(create)
+    items = max(64, args.calls // 4)
+    for round_ in range(args.rounds):
+        batch_sides = [("raw", many_at_once.raw_batch), ("client", many_at_once.client_batch)]
+        for name, batch in batch_sides if round_ % 2 == 0 else batch_sides[::-1]:
+            # A fresh simulator per side: neither pays for the other's tasks.
+            with simulator_process(submit_time=0.1, processing_time=0.3) as (base, key):
+                out[f"{name}_batch"].append(asyncio.run(batch(base, key, items)))
+        print(
+            f"concurrent, round {round_ + 1}: get_task x32 "
+            f"{out['client_get'][-1] * 1e6:.0f} vs {out['raw_get'][-1] * 1e6:.0f} µs; "
+            f"create x64 {out['client_create'][-1] * 1e6:.0f} vs "
+            f"{out['raw_create'][-1] * 1e6:.0f} µs; waited batch per item "
+            f"{out['client_batch'][-1] * 1e6:.0f} vs {out['raw_batch'][-1] * 1e6:.0f} µs",
+            flush=True,
+        )
+    rows: list[Row] = []
+    for kind, label, target in (
+        ("get", "CPU per get_task, 32 at once", 1.10),
+        ("create", "CPU per create, 64 at once", 1.10),
+        ("batch", "CPU per item, waited batch (64)", 1.15),
+    ):
+        client, raw = out[f"client_{kind}"], out[f"raw_{kind}"]
+        ratio = per_call.paired_ratio(client, raw)
+        report[f"cpu_{kind}_concurrent_ratio"] = round(ratio, 3)
+        rows.append(
+            (
+                label,
+                f"{statistics.median(client) * 1e6:.0f} µs",
+                f"{statistics.median(raw) * 1e6:.0f} µs",
+                ratio,
+                f"<= {target:.2f}x",
+                ratio <= target,
             )
         )
     return rows

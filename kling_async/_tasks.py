@@ -22,7 +22,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, overload
 
 import attrs
 import backoff
@@ -209,11 +209,22 @@ class Tasks:
 
     # -- look ---------------------------------------------------------------------------
 
-    async def get(self, key: str) -> Task:
-        """One task by task id or external id (retried); a finished one frees its slot."""
+    @overload
+    async def get(self, key: str) -> Task: ...
+    @overload
+    async def get(self, key: str, unless: str | None) -> Task | None: ...
+    async def get(self, key: str, unless: str | None = None) -> Task | None:
+        """One task by task id or external id (retried); a finished one frees its slot.
+
+        With `unless` (a status that is not an end): None while the task is still in it.
+        A wait's polls before the end need nothing but the status, so the rest of such an
+        answer is not parsed.
+        """
         data, request_id = await self.transport.retrying(
             self.transport.send, "GET", _protocol.task_path(key)
         )
+        if unless is not None and type(data) is dict and data.get("task_status") == unless:
+            return None
         task = parse_task(data, request_id=request_id)
         if task.is_terminal:
             if _telemetry.AVAILABLE:
@@ -529,7 +540,9 @@ class Tasks:
                 elif delay > 0:
                     await asyncio.sleep(min(delay, remaining))
                 if update is None and loop.time() < deadline:
-                    update = await self._poll_once(task_id, deadline - loop.time())
+                    # A snapshot that says "finished" is not the end: fetch it whole.
+                    unless = None if last is not None and last.is_terminal else seen
+                    update = await self._poll_once(task_id, unless, deadline - loop.time())
                 if update is not None:
                     if update.raw_status != seen:
                         seen = update.raw_status
@@ -540,9 +553,9 @@ class Tasks:
             if subscription is not None:
                 subscription.close()
 
-    async def _poll_once(self, task_id: str, remaining: float) -> Task | None:
+    async def _poll_once(self, task_id: str, seen: str | None, remaining: float) -> Task | None:
         try:
-            return await within(self.get(task_id), remaining)
+            return await within(self.get(task_id, seen), remaining)
         except asyncio.TimeoutError:
             return None
         except KlingError as error:

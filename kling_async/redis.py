@@ -80,6 +80,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import math
 import time
@@ -239,6 +240,9 @@ class RedisAccount(Account):
         self._lease_ms = max(3, int(self.lease * 1000))
         self._tick = self.lease / 3
         self._id = uuid.uuid4().hex
+        # Ids of this process's waiters, slots, claims and calls: unique across processes
+        # by `_id`, within it by a counter (one uuid4 per account, not three per create).
+        self._serial = itertools.count()
         prefix = f"kling:{{{name}}}:"
         self._prefix = prefix
         self._keys = [prefix + key for key in KEY_NAMES]
@@ -325,6 +329,9 @@ class RedisAccount(Account):
             f"{self._where()} (account {self.name!r}) failed: {reason}", sent=False
         )
 
+    def _new_id(self) -> str:
+        return f"{self._id}.{next(self._serial)}"
+
     def _io_timeout(self) -> float:
         # A share of the client's timeout: an unanswered call is reported as Redis's
         # fault before the create's own deadline (often the same timeout) fires.
@@ -348,7 +355,7 @@ class RedisAccount(Account):
             raise self._error(error) from error
 
     async def _call(self, script: Any, args: list[Any], *extra_keys: str) -> Any:
-        common = [self._lease_ms, self._id, uuid.uuid4().hex, self.max_running or ""]
+        common = [self._lease_ms, self._id, self._new_id(), self.max_running or ""]
         return await self._bounded(
             script(keys=[*self._keys, *extra_keys], args=[*common, *args], client=self._redis)
         )
@@ -455,8 +462,8 @@ class RedisAccount(Account):
     async def acquire(self, external_task_id: str, lookup: Lookup) -> AccountSlot:
         self._check_open()
         await self._listen()
-        waiter = _Waiter(f"{self._id}:{uuid.uuid4().hex}", lookup)
-        slot = AccountSlot(external_task_id, token=uuid.uuid4().hex)
+        waiter = _Waiter(f"{self._id}:{next(self._serial)}", lookup)
+        slot = AccountSlot(external_task_id, token=self._new_id())
         self._waiters.append(waiter)
         self._start_renewing()
         attempt: asyncio.Task[bool] | None = None
@@ -742,7 +749,7 @@ class RedisAccount(Account):
             self._start_renewing()
             while True:
                 event.clear()
-                call = uuid.uuid4().hex
+                call = self._new_id()
                 # No create of this process holds the id: a claim of ours found in Redis
                 # was granted to a call that timed out (or a create whose settle was
                 # lost; the create layer remembers those itself): take it over.
