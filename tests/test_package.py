@@ -333,3 +333,20 @@ def test_imports_point_down_the_layers() -> None:
             if _layer(imported) > _layer(importer) and (importer, imported) not in UPWARD_ALLOWED:
                 wrong.append(f"{importer} (layer {_layer(importer)}) imports {imported}")
     assert not wrong, "\n".join(sorted(wrong))
+
+
+def test_the_command_line_uses_only_the_clients_public_methods() -> None:
+    """The CLI drives a `KlingClient` as any program would: no `client._tasks` or other
+    private attribute of it (what the CLI needs, such as a batch's per-item
+    `on_update`, is public)."""
+    reached = {}
+    for path in sorted((PACKAGE / "_cli").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and "client" in ast.unparse(node.value).lower()
+            ):
+                reached[f"{path.name}:{node.lineno}"] = ast.unparse(node)
+    assert reached == {}

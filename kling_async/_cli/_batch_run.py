@@ -28,7 +28,6 @@ from typing import IO, Any
 import click
 
 from kling_async import BatchProgress, BatchResult, ExtendRequest, KlingClient, Task
-from kling_async._batch import extend_many
 from kling_async._cli._options import ClientOptions
 from kling_async._cli._progress import BatchDisplay, LiveBatchDisplay, batch_display
 from kling_async._cli._rows_in import (
@@ -208,10 +207,8 @@ class BatchRun:
 
     async def _consume(self) -> None:
         slots = asyncio.Semaphore(self._concurrency)
-        # The batch runner itself (not `KlingClient.extend_many`): the display follows
-        # each row's task status through its per-item `on_update`.
-        results = extend_many(
-            self._client._tasks,
+        # The display follows each row's task status through the per-item `on_update`.
+        results = self._client.extend_many(
             self._requests(),
             concurrency=self._concurrency,
             wait=self._wait,
