@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import AsyncIterator
 
 import pytest
@@ -18,6 +19,16 @@ settings.register_profile("kling", deadline=None)
 settings.load_profile("kling")
 
 pytest_plugins = ["kling_async.testing.pytest_plugin", "redis_server"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # As from a terminal. A suite started in the background by a non-interactive shell
+    # (as ../shared/tools/suite-under-load is) inherits SIGINT *ignored*, and so would
+    # every program a test starts: the Ctrl-C a test sends would never arrive. A handler,
+    # unlike "ignored", is reset to the default when a child program starts.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 #: Polls fast enough that tests spend their time on behaviour, not on waiting.
 FAST_POLL = PollPolicy(initial=0.02, factor=1.5, max_interval=0.1)
