@@ -780,6 +780,19 @@ def test_live_displays_on_a_terminal(
     assert "succeed" in terminal.getvalue()
 
 
+def test_what_an_interrupted_batch_leaves_running_is_said_above_the_live_display() -> None:
+    # Written to stderr beside the live display, the line was drawn over when the
+    # display stopped: the user pressing Ctrl-C saw only "interrupted".
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=140, highlight=False)
+    display = _cli_progress.LiveBatchDisplay(3, console, rows=True)
+    with display:
+        display.row_state(1, "processing", "v-input-1")
+        display.note("2 rows' tasks go on at Kling: run the same command again to collect them")
+    shown = ANSI.sub("", screen.getvalue())
+    assert "2 rows' tasks go on at Kling: run the same command again" in shown
+
+
 def test_batch_rows_keep_their_columns_from_in_flight_to_finished() -> None:
     from kling_async._cli._rows_out import RowOutcome
 

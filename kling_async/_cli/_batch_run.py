@@ -171,16 +171,16 @@ class BatchRun:
         if not running:
             return
         rows = "1 row's task goes" if len(running) == 1 else f"{len(running)} rows' tasks go"
+        note = self._display.note
         if self._journal is not None:
-            click.echo(
+            note(
                 f"{rows} on at Kling: run the same command again to collect them "
-                f"(journal: {_shown_path(self._journal.absolute())}; nothing is created twice)",
-                err=True,
+                f"(journal: {_shown_path(self._journal.absolute())}; nothing is created twice)"
             )
             return
-        click.echo(f"{rows} on at Kling (no journal): collect each with kling-async wait", err=True)
+        note(f"{rows} on at Kling (no journal): collect each with kling-async wait")
         for row, task in running:
-            click.echo(f"  row {row}: kling-async wait {task.task_id}", err=True)
+            note(f"  row {row}: kling-async wait {task.task_id}")
 
     async def _requests(self) -> AsyncIterator[ExtendRequest]:
         index = 0

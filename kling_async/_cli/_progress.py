@@ -89,6 +89,10 @@ class BatchDisplay:
     def _show_row(self, outcome: RowOutcome) -> None:
         click.echo(outcome.describe(), err=True)
 
+    def note(self, text: str) -> None:
+        """A line for the user on stderr (above the live display, when there is one)."""
+        click.echo(text, err=True)
+
     def summary(self) -> str:
         """``batch done: 7 ok, 1 failed, 8 rows in 5.2 s, 7 units billed for these tasks``.
 
@@ -165,6 +169,11 @@ class LiveBatchDisplay(BatchDisplay):
         self._in_flight.clear()
         self._refresh()
         self._live.stop()
+
+    def note(self, text: str) -> None:
+        # Through the live display's console, which prints it above the bar: written to
+        # stderr beside it, the line would be drawn over when the display stops.
+        self._console.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def _renderable(self) -> RenderableType:
         if not self._in_flight:
