@@ -793,6 +793,42 @@ def test_what_an_interrupted_batch_leaves_running_is_said_above_the_live_display
     assert "2 rows' tasks go on at Kling: run the same command again" in shown
 
 
+@pytest.mark.parametrize("width", [80, 100, 118, 119, 160])
+def test_a_rows_file_is_never_folded_whatever_the_terminal_width(width: int) -> None:
+    # At 80 columns the "file / problem" column had one character: the path came out
+    # one letter per line. Too narrow a terminal puts it on a line of its own.
+    from kling_async._cli._rows_out import RowOutcome
+
+    path = "downloads/6-828006748715380782.mp4"
+    outcome = RowOutcome(
+        row=6,
+        ok=True,
+        status="succeed",
+        video_id="401912071833105005",
+        duration=9.5,
+        file=path,
+        source_video_id="828006748715380782",
+        elapsed=2.1,
+    )
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=width, highlight=False)
+    display = _cli_progress.LiveBatchDisplay(2, console, rows=True)
+    with display:
+        display.row_state(1, "processing", "v-input-1")
+        console.print(display._renderable())
+        display.row_done(outcome)
+    lines = [line.rstrip() for line in ANSI.sub("", screen.getvalue()).splitlines()]
+    assert all(len(line) <= width for line in lines)
+    row = next(line for line in lines if line.startswith("✓"))
+    assert row.split()[:3] == ["✓", "6", "succeed"]
+    if width >= 119:
+        assert row.endswith(path)
+        assert any("file / problem" in line for line in lines)
+    else:
+        assert lines[lines.index(row) + 1].strip() == path
+        assert not any("file / problem" in line for line in lines)
+
+
 def test_batch_rows_keep_their_columns_from_in_flight_to_finished() -> None:
     from kling_async._cli._rows_out import RowOutcome
 

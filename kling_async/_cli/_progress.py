@@ -30,7 +30,7 @@ from rich.progress import (
 from rich.text import Text
 
 from kling_async import BatchProgress, Task
-from kling_async._cli._rows_out import RowOutcome, row_table, seconds
+from kling_async._cli._rows_out import RowOutcome, detail_column_fits, row_table, seconds
 
 
 def stderr_console() -> Console:
@@ -181,10 +181,11 @@ class LiveBatchDisplay(BatchDisplay):
         now = time.monotonic()
         # The finished rows' columns, each meaning the same in flight: the input's video
         # id, no result or length yet, the time since the row was read.
-        table = row_table(header=True)
+        detail = detail_column_fits(self._console.width)
+        table = row_table(header=True, detail=detail)
         shown = sorted(self._in_flight.items())[:_SHOWN_IN_FLIGHT]
         for row, flight in shown:
-            table.add_row(
+            cells = [
                 Text("·", style="dim"),
                 Text(str(row)),
                 Text(flight.state, style=_STATE_STYLES.get(flight.state, "")),
@@ -192,8 +193,8 @@ class LiveBatchDisplay(BatchDisplay):
                 Text(""),
                 Text(""),
                 Text(seconds(now - flight.since), style="dim"),
-                Text(""),
-            )
+            ]
+            table.add_row(*cells, *([Text("")] if detail else []))
         hidden = len(self._in_flight) - len(shown)
         parts: list[RenderableType] = [table]
         if hidden > 0:
@@ -231,7 +232,8 @@ class LiveBatchDisplay(BatchDisplay):
         # Redraw first, so that the live part's height is the one printing moves over.
         self._live.refresh()
         if self._print_rows or not outcome.ok:
-            self._console.print(outcome.render(header=not self._printed_header))
+            shown = outcome.render(header=not self._printed_header, width=self._console.width)
+            self._console.print(shown)
             self._printed_header = True
 
     def finish(self) -> None:

@@ -16,7 +16,8 @@ from typing import IO, Any, Final, Literal
 
 import attrs
 import orjson
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -110,8 +111,25 @@ ROW_COLUMNS: tuple[tuple[str, int, Literal["left", "right"]], ...] = (
 )
 
 
-def row_table(*, header: bool) -> Table:
-    """An empty table with the batch rows' columns (and their header, if `header`)."""
+#: Width of the columns before "file / problem", with the space between columns.
+_FIXED_WIDTH: Final = sum(width for _, width, _ in ROW_COLUMNS) + 2 * len(ROW_COLUMNS)
+#: The narrowest "file / problem" column (a download path fits); on a narrower terminal
+#: (under 119 columns) the file or problem goes on a line of its own below the row.
+MIN_DETAIL_WIDTH: Final = 40
+
+
+#: Where a file or problem on a line of its own starts: under the status column.
+_DETAIL_INDENT: Final = ROW_COLUMNS[0][1] + ROW_COLUMNS[1][1] + 4
+
+
+def detail_column_fits(width: int) -> bool:
+    """Whether a terminal `width` columns wide has room for the "file / problem" column."""
+    return width - _FIXED_WIDTH >= MIN_DETAIL_WIDTH
+
+
+def row_table(*, header: bool, detail: bool = True) -> Table:
+    """An empty table with the batch rows' columns (and their header, if `header`);
+    without the "file / problem" column unless `detail`."""
     table = Table(
         box=None,
         show_header=header,
@@ -122,7 +140,8 @@ def row_table(*, header: bool) -> Table:
     )
     for title, width, justify in ROW_COLUMNS:
         table.add_column(title, width=width, no_wrap=True, justify=justify, overflow="ellipsis")
-    table.add_column("file / problem", ratio=1, overflow="fold")
+    if detail:
+        table.add_column("file / problem", ratio=1, overflow="fold")
     return table
 
 
@@ -197,11 +216,20 @@ class RowOutcome:
             detail,
         ]
 
-    def render(self, *, header: bool = False) -> Table:
-        """The row in the batch rows' columns (a long error wraps within its own)."""
-        table = row_table(header=header)
-        table.add_row(*self.cells())
-        return table
+    def render(self, *, header: bool = False, width: int | None = None) -> RenderableType:
+        """The row in the batch rows' columns (a long error wraps within its own); on a
+        terminal `width` columns wide with no room for that column, the file or problem
+        goes on an indented line of its own below the row."""
+        cells = self.cells()
+        if width is None or detail_column_fits(width):
+            table = row_table(header=header)
+            table.add_row(*cells)
+            return table
+        table = row_table(header=header, detail=False)
+        table.add_row(*cells[:-1])
+        if not cells[-1]:
+            return table
+        return Group(table, Padding(cells[-1], (0, 0, 0, _DETAIL_INDENT)))
 
 
 class ReadableRows:
@@ -213,7 +241,7 @@ class ReadableRows:
 
     def write(self, outcome: RowOutcome) -> None:
         """Print one finished row (the columns' header above the first)."""
-        self._console.print(outcome.render(header=self._header))
+        self._console.print(outcome.render(header=self._header, width=self._console.width))
         self._header = False
 
 
