@@ -512,8 +512,11 @@ async def test_a_new_name_on_a_redis_up_for_longer_than_a_lease_takes_a_slot_at_
 async def test_after_redis_lost_its_data_nothing_is_handed_out_before_holders_put_theirs_back(
     redis_server: RedisServer, redis_url: str, name: str
 ) -> None:
-    holder = RedisAccount(redis_url, name=name, max_running=2, lease=0.6)
-    other = RedisAccount(redis_url, name=name, max_running=2, lease=0.6)
+    # Redis tells its uptime in whole seconds: with a lease of 2 s, the first call after
+    # the restart is known to be within a lease of it if it comes in the first second
+    # or the next (a busy machine has that long to make it).
+    holder = RedisAccount(redis_url, name=name, max_running=2, lease=2.0)
+    other = RedisAccount(redis_url, name=name, max_running=2, lease=2.0)
     try:
         for index in range(2):
             slot = await holder.acquire(f"held-{index}", nobody)
@@ -531,7 +534,7 @@ async def test_after_redis_lost_its_data_nothing_is_handed_out_before_holders_pu
                 return leases == 2 and await raw.hexists(f"kling:{{{name}}}:claims", "claimed")
 
             await until(put_back, "the holder put its slots and claim back")
-            await asyncio.sleep(1.0)  # more than a lease: the quarantine is over
+            await asyncio.sleep(2.5)  # more than a lease: the quarantine is over
             assert not waiting.done()  # the account is full
             assert not claiming.done()  # the holder's claim stands
             await holder.finished(done("task-0", "held-0"))
@@ -684,25 +687,41 @@ async def test_processes_given_different_limits_use_the_smallest_and_warn(
         await large.release(slot)
 
 
+async def redis_uptime(redis_url: str) -> int:
+    """Redis's ``uptime_in_seconds`` (whole seconds)."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        return int((await client.info("server"))["uptime_in_seconds"])
+    finally:
+        await client.aclose()
+
+
 async def test_a_claim_soon_after_redis_lost_its_data_may_have_been_sent(
     redis_server: RedisServer, redis_url: str, name: str
 ) -> None:
     # A holder that died just before the restart lost its claim with the data: a claim
-    # granted within a few leases of the loss says so (the create looks the id up first).
-    redis_server.restart()
-    account = RedisAccount(redis_url, name=name, lease=0.3)
-    try:
-        claim = await asyncio.wait_for(account.claim("after-restart"), 10)
-        assert claim.task is None
-        assert claim.maybe_since is not None and claim.maybe_since >= 0.3  # the quarantine
-        await account.settle("after-restart", None)
-        for attempt in range(200):  # until CLAIM_LEASES + 1 leases of answering time
-            later = await account.claim(f"later-{attempt}")
-            await account.settle(f"later-{attempt}", None)
-            if later == Claim():
-                break
-            await asyncio.sleep(0.05)
-        else:
+    # granted within a lease of the loss says so (the create looks the id up first).
+    # Redis tells its uptime in whole seconds, so with a 0.3 s lease "within a lease" is
+    # "in Redis's first second". A busy machine may claim later than that, and then the
+    # claim is rightly not held back (holders had more than a lease to put theirs back):
+    # such a try says nothing, and is made again after a new restart.
+    for _ in range(20):
+        redis_server.restart()
+        account = RedisAccount(redis_url, name=name, lease=0.3)
+        try:
+            claim = await asyncio.wait_for(account.claim("after-restart"), 10)
+            if await redis_uptime(redis_url) > 0:
+                continue  # every call of the account may have come after the first second
+            assert claim.task is None
+            assert claim.maybe_since is not None and claim.maybe_since >= 0.3  # quarantine
+            await account.settle("after-restart", None)
+            for attempt in range(200):  # until CLAIM_LEASES + 1 leases of answering time
+                later = await account.claim(f"later-{attempt}")
+                await account.settle(f"later-{attempt}", None)
+                if later == Claim():
+                    return
+                await asyncio.sleep(0.05)
             pytest.fail("claims soon after the loss never stopped saying so")
-    finally:
-        await account.aclose()
+        finally:
+            await account.aclose()
+    pytest.fail("in 20 restarts, no claim reached Redis within its first second")
