@@ -275,6 +275,12 @@ async def test_connection_failures_become_our_errors(
         sim.inject("slow", on="files", delay=2.0)
         with pytest.raises(APITimeoutError):
             await kling.download(done, tmp_path)
+    sim.clear_faults()
+    # A generous timeout from here: a busy machine must not turn a dropped connection
+    # into a timeout.
+    async with KlingClient(
+        api_key="sim-api-key", base_url=sim.base_url, max_retries=0, timeout=30.0
+    ) as kling:
         # aiohttp itself re-sends once when a reused keep-alive connection drops.
         sim.inject("drop_before", on="files", times=2)
         with pytest.raises(APIConnectionError, match="connection failed"):
