@@ -553,9 +553,9 @@ class Tasks:
             if subscription is not None:
                 subscription.close()
 
-    async def _poll_once(self, task_id: str, seen: str | None, remaining: float) -> Task | None:
+    async def _poll_once(self, task_id: str, unless: str | None, remaining: float) -> Task | None:
         try:
-            return await within(self.get(task_id, seen), remaining)
+            return await within(self.get(task_id, unless), remaining)
         except asyncio.TimeoutError:
             return None
         except KlingError as error:

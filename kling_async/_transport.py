@@ -80,13 +80,10 @@ def set_retry_waits(base: float = RETRY_BASE, cap: float = RETRY_CAP) -> None:
     _RETRY_WAITS[:] = [base, cap]
 
 
-def retry_waits(
-    base: float | None = None, cap: float | None = None
-) -> Generator[float | None, BaseException | None, None]:
-    """backoff wait generator: exponential, but the service's wait (`_protocol.decide`:
-    its ``Retry-After``, at least a second after a 429) wins."""
-    base = _RETRY_WAITS[0] if base is None else base
-    cap = _RETRY_WAITS[1] if cap is None else cap
+def retry_waits() -> Generator[float | None, BaseException | None, None]:
+    """backoff wait generator: exponential (`set_retry_waits`), but the service's wait
+    (`_protocol.decide`: its ``Retry-After``, at least a second after a 429) wins."""
+    base, cap = _RETRY_WAITS
     error = yield None  # backoff primes the generator with send(None)
     n = 0
     while True:

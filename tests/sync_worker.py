@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import sys
 import threading
 
@@ -22,10 +21,6 @@ POLL = PollPolicy(initial=0.05, factor=1.5, max_interval=0.2)
 
 
 def main(mode: str, base_url: str, api_key: str) -> None:
-    # As a script started from a terminal: a test run started in the background by a
-    # shell (as ../shared/tools/suite-under-load is) inherits SIGINT *ignored*, and
-    # Python then leaves it ignored; the Ctrl-C under test would never arrive.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     seen: set[str] = set()
     announced = threading.Event()
