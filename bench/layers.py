@@ -16,7 +16,8 @@ import sys
 from collections.abc import Awaitable, Callable
 
 import per_call
-from many_at_once import GET_CONCURRENCY, _cpu, _Raw, _session
+from many_at_once import GET_CONCURRENCY
+from per_call import RawCaller, cpu_per_call, raw_session
 from server import simulator_process
 
 from kling_async import KlingClient, Task, _protocol
@@ -27,9 +28,9 @@ CALLS = 4000
 
 async def _layers(base_url: str, api_key: str, task_id: str, turn: int) -> dict[str, float]:
     out: dict[str, float] = {}
-    async with _session(GET_CONCURRENCY) as session:
-        raw = _Raw(session, base_url, api_key)
-        out["raw aiohttp GET + orjson.loads"] = await _cpu(
+    async with raw_session(GET_CONCURRENCY) as session:
+        raw = RawCaller(session, base_url, api_key)
+        out["raw aiohttp GET + orjson.loads"] = await cpu_per_call(
             lambda: raw.get(task_id), CALLS, GET_CONCURRENCY
         )
     async with KlingClient(
@@ -53,7 +54,7 @@ async def _layers(base_url: str, api_key: str, task_id: str, turn: int) -> dict[
         # pool) falls on every layer alike.
         names = list(calls)
         for name in names[turn % len(names) :] + names[: turn % len(names)]:
-            out[name] = await _cpu(calls[name], CALLS, GET_CONCURRENCY)
+            out[name] = await cpu_per_call(calls[name], CALLS, GET_CONCURRENCY)
     return out
 
 

@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
-import orjson
-from per_call import PATH, TIMEOUT, WARMUP
+from per_call import RawCaller, cpu_per_call, raw_session
 from server import PROMPT
 
 from kling_async import ExtendRequest, KlingClient, PollPolicy
@@ -31,69 +27,14 @@ POLL_EVERY = 0.1
 POLL = PollPolicy(initial=POLL_EVERY, factor=1.0, max_interval=POLL_EVERY, jitter=0.0)
 
 
-async def _cpu(call: Callable[[], Awaitable[object]], n: int, concurrency: int) -> float:
-    """CPU seconds per call of `n` calls made by `concurrency` callers at once."""
-
-    async def caller(calls: int) -> None:
-        for _ in range(calls):
-            await call()
-
-    await asyncio.gather(*(caller(WARMUP // concurrency + 1) for _ in range(concurrency)))
-    started = time.process_time()
-    await asyncio.gather(*(caller(n // concurrency) for _ in range(concurrency)))
-    return (time.process_time() - started) / (n // concurrency * concurrency)
-
-
-def _body() -> dict[str, object]:
-    return {
-        "video_id": "828006748715380777",
-        "prompt": PROMPT,
-        "cfg_scale": 0.5,
-        "external_task_id": uuid.uuid4().hex,
-    }
-
-
-class _Raw:
-    """A careful hand-written aiohttp caller: the client's timers, pool size and JSON."""
-
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str) -> None:
-        self.session = session
-        self.base_url = base_url
-        self.headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
-        self.post_headers = {**self.headers, "Content-Type": "application/json"}
-
-    async def get(self, task_id: str) -> dict[str, object]:
-        url = f"{self.base_url}{PATH}/{task_id}"
-        async with self.session.get(url, headers=self.headers) as response:
-            document = orjson.loads(await response.read())
-        if response.status != 200 or document["code"] != 0:
-            raise RuntimeError(document)
-        data: dict[str, object] = document["data"]
-        return data
-
-    async def create(self) -> dict[str, object]:
-        async with self.session.post(
-            self.base_url + PATH, data=orjson.dumps(_body()), headers=self.post_headers
-        ) as response:
-            document = orjson.loads(await response.read())
-        if response.status != 200 or document["code"] != 0:
-            raise RuntimeError(document)
-        data: dict[str, object] = document["data"]
-        return data
-
-
-def _session(pool: int) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=pool), timeout=TIMEOUT)
-
-
 async def raw_calls(base_url: str, api_key: str, task_id: str, n: int) -> tuple[float, float]:
     """(CPU per GET at 32 at once, CPU per POST at 64 at once), raw."""
-    async with _session(GET_CONCURRENCY) as session:
-        raw = _Raw(session, base_url, api_key)
-        get = await _cpu(lambda: raw.get(task_id), n, GET_CONCURRENCY)
-    async with _session(CREATE_CONCURRENCY) as session:
-        raw = _Raw(session, base_url, api_key)
-        create = await _cpu(raw.create, n, CREATE_CONCURRENCY)
+    async with raw_session(GET_CONCURRENCY) as session:
+        raw = RawCaller(session, base_url, api_key)
+        get = await cpu_per_call(lambda: raw.get(task_id), n, GET_CONCURRENCY)
+    async with raw_session(CREATE_CONCURRENCY) as session:
+        raw = RawCaller(session, base_url, api_key)
+        create = await cpu_per_call(raw.create, n, CREATE_CONCURRENCY)
     return get, create
 
 
@@ -103,19 +44,19 @@ async def client_calls(base_url: str, api_key: str, task_id: str, n: int) -> tup
     async with KlingClient(
         api_key=api_key, base_url=base_url, max_in_flight=GET_CONCURRENCY
     ) as kling:
-        get = await _cpu(lambda: kling.get_task(task_id), n, GET_CONCURRENCY)
+        get = await cpu_per_call(lambda: kling.get_task(task_id), n, GET_CONCURRENCY)
     async with KlingClient(
         api_key=api_key, base_url=base_url, max_in_flight=CREATE_CONCURRENCY
     ) as kling:
-        create = await _cpu(lambda: kling.extend(request), n, CREATE_CONCURRENCY)
+        create = await cpu_per_call(lambda: kling.extend(request), n, CREATE_CONCURRENCY)
     return get, create
 
 
 async def raw_batch(base_url: str, api_key: str, items: int) -> tuple[float, float]:
     """(CPU per item, requests per item) of a raw waited batch: POST, then GET every
     `POLL_EVERY` s until the task ends."""
-    async with _session(BATCH_CONCURRENCY) as session:
-        raw = _Raw(session, base_url, api_key)
+    async with raw_session(BATCH_CONCURRENCY) as session:
+        raw = RawCaller(session, base_url, api_key)
         pending = iter(range(items))
         sent = 0
 

@@ -13,7 +13,8 @@ import asyncio
 import statistics
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import aiohttp
 import orjson
@@ -31,46 +32,79 @@ POOL = 8
 PATH = "/v1/videos/video-extend"
 
 
-async def _cpu_per_call(call: Callable[[], Awaitable[object]], n: int) -> float:
-    for _ in range(WARMUP):
-        await call()
+T = TypeVar("T")
+
+
+def in_turn(sides: Sequence[T], round_: int) -> Sequence[T]:
+    """The sides of a comparison in the order round `round_` runs them: alternating, so
+    that neither always runs first (on a warmer or a colder machine)."""
+    return sides if round_ % 2 == 0 else sides[::-1]
+
+
+async def cpu_per_call(
+    call: Callable[[], Awaitable[object]], n: int, concurrency: int = 1
+) -> float:
+    """CPU seconds per call of `n` calls made by `concurrency` callers at once, after a
+    warm-up of about `WARMUP` calls (connections made, code paths and caches warm)."""
+
+    async def caller(calls: int) -> None:
+        for _ in range(calls):
+            await call()
+
+    warmup = -(-WARMUP // concurrency)
+    await asyncio.gather(*(caller(warmup) for _ in range(concurrency)))
+    each = n // concurrency
     started = time.process_time()
-    for _ in range(n):
-        await call()
-    return (time.process_time() - started) / n
+    await asyncio.gather(*(caller(each) for _ in range(concurrency)))
+    return (time.process_time() - started) / (each * concurrency)
+
+
+def raw_session(pool: int) -> aiohttp.ClientSession:
+    """The raw side's session: the client's timers and a pool of `pool` connections."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=pool), timeout=TIMEOUT)
+
+
+class RawCaller:
+    """A careful hand-written aiohttp caller: the client's timers, pool size and JSON."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str) -> None:
+        self.session = session
+        self.base_url = base_url
+        self.headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
+        self.post_headers = {**self.headers, "Content-Type": "application/json"}
+
+    async def get(self, task_id: str) -> dict[str, object]:
+        url = f"{self.base_url}{PATH}/{task_id}"
+        async with self.session.get(url, headers=self.headers) as response:
+            document = orjson.loads(await response.read())
+        if response.status != 200 or document["code"] != 0:
+            raise RuntimeError(document)
+        data: dict[str, object] = document["data"]
+        return data
+
+    async def create(self) -> dict[str, object]:
+        """POST the body `extend` sends (with a fresh ``external_task_id``, as it does)."""
+        body = {
+            "video_id": "828006748715380777",
+            "prompt": PROMPT,
+            "cfg_scale": 0.5,
+            "external_task_id": uuid.uuid4().hex,
+        }
+        async with self.session.post(
+            self.base_url + PATH, data=orjson.dumps(body), headers=self.post_headers
+        ) as response:
+            document = orjson.loads(await response.read())
+        if response.status != 200 or document["code"] != 0:
+            raise RuntimeError(document)
+        data: dict[str, object] = document["data"]
+        return data
 
 
 async def _raw(base_url: str, api_key: str, task_id: str, n: int) -> tuple[float, float]:
     """(CPU per GET, CPU per POST) of a careful hand-written aiohttp caller."""
-    headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/json"}
-    post_headers = {**headers, "Content-Type": "application/json"}
-    async with aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=POOL), timeout=TIMEOUT
-    ) as session:
-
-        async def get() -> object:
-            async with session.get(f"{base_url}{PATH}/{task_id}", headers=headers) as response:
-                document = orjson.loads(await response.read())
-            if response.status != 200 or document["code"] != 0:
-                raise RuntimeError(document)
-            return document["data"]
-
-        async def create() -> object:
-            body = {
-                "video_id": "828006748715380777",
-                "prompt": PROMPT,
-                "cfg_scale": 0.5,
-                "external_task_id": uuid.uuid4().hex,
-            }
-            async with session.post(
-                base_url + PATH, data=orjson.dumps(body), headers=post_headers
-            ) as response:
-                document = orjson.loads(await response.read())
-            if response.status != 200 or document["code"] != 0:
-                raise RuntimeError(document)
-            return document["data"]
-
-        return await _cpu_per_call(get, n), await _cpu_per_call(create, n)
+    async with raw_session(POOL) as session:
+        raw = RawCaller(session, base_url, api_key)
+        return await cpu_per_call(lambda: raw.get(task_id), n), await cpu_per_call(raw.create, n)
 
 
 async def _client(base_url: str, api_key: str, task_id: str, n: int) -> tuple[float, float]:
@@ -78,8 +112,8 @@ async def _client(base_url: str, api_key: str, task_id: str, n: int) -> tuple[fl
     request = ExtendRequest(video_id="828006748715380777", prompt=PROMPT, cfg_scale=0.5)
     async with KlingClient(api_key=api_key, base_url=base_url) as kling:
         return (
-            await _cpu_per_call(lambda: kling.get_task(task_id), n),
-            await _cpu_per_call(lambda: kling.extend(request), n),
+            await cpu_per_call(lambda: kling.get_task(task_id), n),
+            await cpu_per_call(lambda: kling.extend(request), n),
         )
 
 
@@ -98,7 +132,7 @@ def measure(base_url: str, api_key: str, *, calls: int, rounds: int) -> dict[str
     }
     for round_ in range(rounds):
         sides = [("raw", _raw), ("client", _client)]
-        for name, run in sides if round_ % 2 == 0 else sides[::-1]:
+        for name, run in in_turn(sides, round_):
             get, create = asyncio.run(run(base_url, api_key, task_id, calls))
             out[f"{name}_get"].append(get)
             out[f"{name}_create"].append(create)

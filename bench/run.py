@@ -137,9 +137,9 @@ def _throughput(args: argparse.Namespace, report: dict[str, object]) -> Row:
     client_rates: list[float] = []
     for round_ in range(args.rounds):
         # A fresh simulator for every run, so neither side pays for the tasks the other
-        # left in it; the order alternates so neither always runs on a warmer machine.
+        # left in it.
         order = [("raw", raw_aiohttp), ("client", with_client)]
-        for name, run in order if round_ % 2 == 0 else order[::-1]:
+        for name, run in per_call.in_turn(order, round_):
             with simulator_process() as (base_url, api_key):
                 rate = asyncio.run(run(base_url, api_key, args.items))
             (raw_rates if name == "raw" else client_rates).append(rate)
@@ -204,7 +204,7 @@ def _cpu_concurrent(args: argparse.Namespace, report: dict[str, object]) -> list
         task_id = asyncio.run(per_call._finished_task(base_url, api_key))
         for round_ in range(args.rounds):
             sides = [("raw", many_at_once.raw_calls), ("client", many_at_once.client_calls)]
-            for name, run in sides if round_ % 2 == 0 else sides[::-1]:
+            for name, run in per_call.in_turn(sides, round_):
                 get, create = asyncio.run(run(base_url, api_key, task_id, args.calls))
                 out[f"{name}_get"].append(get)
                 out[f"{name}_create"].append(create)
@@ -218,7 +218,7 @@ def _cpu_concurrent(args: argparse.Namespace, report: dict[str, object]) -> list
     items = max(64, args.calls // 4)
     for round_ in range(args.rounds):
         sides = [("raw", many_at_once.raw_batch), ("client", many_at_once.client_batch)]
-        for name, batch in sides if round_ % 2 == 0 else sides[::-1]:
+        for name, batch in per_call.in_turn(sides, round_):
             # A fresh simulator per side: neither pays for the other's tasks.
             with simulator_process(submit_time=0.1, processing_time=0.3) as (base, key):
                 cpu, sent = asyncio.run(batch(base, key, items))

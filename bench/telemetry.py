@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from per_call import in_turn
 from server import PROMPT, simulator_process
 
 #: absent: the package hidden; api: installed, untouched by the application; imported:
@@ -92,8 +93,7 @@ def run(*, rounds: int, calls: int) -> dict[str, float]:
         task_id = asyncio.run(finished())
         per_mode: dict[str, list[float]] = {mode: [] for mode in MODES}
         for round_ in range(rounds):
-            order = MODES if round_ % 2 == 0 else MODES[::-1]
-            for mode in order:
+            for mode in in_turn(MODES, round_):
                 per_mode[mode].append(_measure(mode, base_url, api_key, task_id, calls))
             print(
                 "otel, round {}: {}".format(
