@@ -780,12 +780,20 @@ def test_live_displays_on_a_terminal(
     assert "succeed" in terminal.getvalue()
 
 
+def live_display(
+    width: int, total: int = 2
+) -> tuple[io.StringIO, Console, _cli_progress.LiveBatchDisplay]:
+    """A live batch display on a fake terminal `width` columns wide: (its screen, its
+    console, the display)."""
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=width, highlight=False)
+    return screen, console, _cli_progress.LiveBatchDisplay(total, console, rows=True)
+
+
 def test_what_an_interrupted_batch_leaves_running_is_said_above_the_live_display() -> None:
     # Written to stderr beside the live display, the line was drawn over when the
     # display stopped: the user pressing Ctrl-C saw only "interrupted".
-    screen = io.StringIO()
-    console = Console(file=screen, force_terminal=True, width=140, highlight=False)
-    display = _cli_progress.LiveBatchDisplay(3, console, rows=True)
+    screen, _, display = live_display(140, total=3)
     with display:
         display.row_state(1, "processing", "v-input-1")
         display.note("2 rows' tasks go on at Kling: run the same command again to collect them")
@@ -810,9 +818,7 @@ def test_a_rows_file_is_never_folded_whatever_the_terminal_width(width: int) -> 
         source_video_id="828006748715380782",
         elapsed=2.1,
     )
-    screen = io.StringIO()
-    console = Console(file=screen, force_terminal=True, width=width, highlight=False)
-    display = _cli_progress.LiveBatchDisplay(2, console, rows=True)
+    screen, console, display = live_display(width)
     with display:
         display.row_state(1, "processing", "v-input-1")
         console.print(display._renderable())
@@ -832,9 +838,7 @@ def test_a_rows_file_is_never_folded_whatever_the_terminal_width(width: int) -> 
 def test_batch_rows_keep_their_columns_from_in_flight_to_finished() -> None:
     from kling_async._cli._rows_out import RowOutcome
 
-    screen = io.StringIO()
-    console = Console(file=screen, force_terminal=True, width=140, highlight=False)
-    display = _cli_progress.LiveBatchDisplay(2, console, rows=True)
+    screen, console, display = live_display(140)
     with display:
         display.row_state(1, "queued", "v-input-1")
         display.row_state(1, "processing")  # the video column stays the input's
