@@ -47,8 +47,8 @@ logs a WARNING when it sees a claim of its own lost):
   under the name for a lease, so there is nothing to put back and no wait (a ``FLUSHALL``
   or an eviction on a long-running Redis is taken for a first use). Redis counts its
   uptime in whole seconds: with a lease under a second, only a first use in Redis's
-  first second after a restart is quarantined (the default lease is 30 s). Records of ended creates
-  (tasks, ``maybe`` records) lost with the data are lost.
+  first second after a restart is quarantined (the default lease is 30 s). Records of
+  ended creates (tasks, ``maybe`` records) lost with the data are lost.
 - **The limit is stored with the account.** Every process registers its
   ``max_running`` (renewed while the account is open); the limit is the smallest given
   by a live process. A process given another value than a live peer logs a WARNING
