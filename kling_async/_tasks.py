@@ -199,6 +199,27 @@ class _Create:
         return parse_task(data, request_id=request_id, external_task_id=self.external_id)
 
 
+class _Unchanged:
+    """A wait's poll condition for `Tasks.get`: a status that is not an end, and the last
+    answer that still said it, kept unparsed (only a wait that times out reads it)."""
+
+    __slots__ = ("answer", "status")
+
+    def __init__(self, status: str) -> None:
+        self.status = status
+        self.answer: tuple[Any, str | None] | None = None
+
+    def last_seen(self, before: Task) -> Task:
+        """The task as the last such answer showed it (`before`, the task as it was when
+        it took this status, if none came or it does not parse)."""
+        if self.answer is None:
+            return before
+        try:
+            return parse_task(self.answer[0], request_id=self.answer[1])
+        except ResponseFormatError:
+            return before
+
+
 class Tasks:
     """Create exactly once, look up, and wait, over a transport and an optional account."""
 
@@ -212,18 +233,19 @@ class Tasks:
     @overload
     async def get(self, key: str) -> Task: ...
     @overload
-    async def get(self, key: str, unless: str | None) -> Task | None: ...
-    async def get(self, key: str, unless: str | None = None) -> Task | None:
+    async def get(self, key: str, unless: _Unchanged | None) -> Task | None: ...
+    async def get(self, key: str, unless: _Unchanged | None = None) -> Task | None:
         """One task by task id or external id (retried); a finished one frees its slot.
 
-        With `unless` (a status that is not an end): None while the task is still in it.
-        A wait's polls before the end need nothing but the status, so the rest of such an
-        answer is not parsed.
+        With `unless`: None while the task is still in its status (the answer is kept in
+        it). A wait's polls before the end need nothing but the status, so the rest of
+        such an answer is not parsed.
         """
         data, request_id = await self.transport.retrying(
             self.transport.send, "GET", _protocol.task_path(key)
         )
-        if unless is not None and type(data) is dict and data.get("task_status") == unless:
+        if unless is not None and type(data) is dict and data.get("task_status") == unless.status:
+            unless.answer = (data, request_id)
             return None
         task = parse_task(data, request_id=request_id)
         if task.is_terminal:
@@ -516,6 +538,8 @@ class Tasks:
         # seen here (polled, or from a callback) is returned.
         delay = next(intervals) if last is not None and not last.is_terminal else 0.0
         fresh = False
+        #: The status last seen, and the last poll that still said it (not parsed).
+        unchanged: _Unchanged | None = None
         subscription = callbacks.subscribe(task_id) if callbacks is not None else None
         try:
             while True:
@@ -529,6 +553,8 @@ class Tasks:
                     return last
                 remaining = deadline - loop.time()
                 if remaining <= 0:
+                    if last is not None and unchanged is not None:
+                        last = unchanged.last_seen(last)
                     raise WaitTimeoutError(
                         last or Task(task_id=task_id, status=TaskStatus.UNKNOWN), timeout
                     )
@@ -541,9 +567,11 @@ class Tasks:
                     await asyncio.sleep(min(delay, remaining))
                 if update is None and loop.time() < deadline:
                     # A snapshot that says "finished" is not the end: fetch it whole.
-                    unless = None if last is not None and last.is_terminal else seen
-                    update = await self._poll_once(task_id, unless, deadline - loop.time())
+                    if seen is not None and last is not None and not last.is_terminal:
+                        unchanged = unchanged or _Unchanged(seen)
+                    update = await self._poll_once(task_id, unchanged, deadline - loop.time())
                 if update is not None:
+                    unchanged = None  # newer than any answer kept there
                     if update.raw_status != seen:
                         seen = update.raw_status
                         await call_back(on_update, update)
@@ -553,7 +581,9 @@ class Tasks:
             if subscription is not None:
                 subscription.close()
 
-    async def _poll_once(self, task_id: str, unless: str | None, remaining: float) -> Task | None:
+    async def _poll_once(
+        self, task_id: str, unless: _Unchanged | None, remaining: float
+    ) -> Task | None:
         try:
             return await within(self.get(task_id, unless), remaining)
         except asyncio.TimeoutError:

@@ -545,6 +545,27 @@ async def test_wait_timeout_carries_the_last_state() -> None:
             await kling.wait_for_task(42)  # type: ignore[arg-type]
 
 
+async def test_a_wait_that_times_out_carries_the_last_poll_not_the_last_change() -> None:
+    # Polls that only repeat the status are not parsed on the way; the one a timeout
+    # ends on still is: `WaitTimeoutError.task` is the task as last seen (its own
+    # answer's request id), not as it was when it took that status.
+    async with (
+        Simulator(submit_time=0, processing_time=600) as sim,
+        KlingClient(api_key=sim.api_key, base_url=sim.base_url, poll=FAST_POLL) as kling,
+    ):
+        task = await kling.extend(REQUEST)
+        changes: list[Task] = []
+        with pytest.raises(WaitTimeoutError) as caught:
+            await kling.wait_for_task(task, timeout=2.0, on_update=changes.append)
+    polls = [r for r in sim.recent_requests if r.method == "GET" and task.task_id in r.path]
+    assert len(polls) >= 2  # two seconds of polls a tenth of a second apart at most
+    last = caught.value.task
+    assert last.status is TaskStatus.PROCESSING
+    assert last.request_id is not None
+    # Neither the create's answer nor the poll that saw the task start processing.
+    assert last.request_id not in {task.request_id, *(c.request_id for c in changes)}
+
+
 async def test_wait_ends_on_non_retryable_errors(client: KlingClient) -> None:
     with pytest.raises(NotFoundError):
         await client.wait_for_task("no-such-task")
